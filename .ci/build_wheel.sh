@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build a wheel for a source-only dependency once into the wheel cache and reuse it afterwards.
+#   .ci/build_wheel.sh mmcv-full 1.7.2      (ops on, C++20, CUDA ops when nvcc and a GPU are present)
+#   .ci/build_wheel.sh natten 0.17.5        (CPU build unless a GPU is present, C++20 in its CMake)
+# Env: PYTHON (the venv's python), OVERLOCK_WHEEL_CACHE (default ~/.cache/overlock/wheels).
+set -euo pipefail
+name="$1"; version="$2"
+PYTHON="${PYTHON:-.venv/bin/python}"; PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
+cache="${OVERLOCK_WHEEL_CACHE:-$HOME/.cache/overlock/wheels}"
+mkdir -p "$cache"
+dist="${name//-/_}"
+if ls "$cache/${dist}-${version}-"*.whl >/dev/null 2>&1; then
+  echo "[wheel-cache] reusing $(ls "$cache/${dist}-${version}-"*.whl)"; exit 0
+fi
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+echo "[wheel-cache] building $name==$version (one time; cached in $cache)"
+(cd "$work" && PIP_NO_BUILD_ISOLATION=0 "$PYTHON" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$work" "$name==$version" 2>&1 | grep -v "^WARNING" || true)
+tar -xzf "$work"/*.tar.gz -C "$work"
+src=$(find "$work" -maxdepth 1 -mindepth 1 -type d | head -1)
+gpu=0
+if command -v nvcc >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+case "$name" in
+  mmcv-full)
+    sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$src/setup.py"
+    export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}"
+    if [ "$gpu" = 1 ]; then export FORCE_CUDA=1; else export FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=""; fi
+    ;;
+  natten)
+    find "$src" -name CMakeLists.txt -exec sed -i 's/CXX_STD "17"/CXX_STD "20"/g; s/-std=c++17/-std=c++20/g' {} +                  
+    if [ "$gpu" = 1 ]; then export NATTEN_CUDA_ARCH="${NATTEN_CUDA_ARCH:-8.0}"; else export NATTEN_IS_BUILDING_DIST=0 CUDA_VISIBLE_DEVICES="" NATTEN_WITH_CUDA=0; fi
+    export NATTEN_N_WORKERS="${MAX_JOBS:-2}"
+    ;;
+esac
+(cd "$src" && "$PYTHON" -m pip wheel --no-deps --no-build-isolation -w "$work/out" . )
+cp "$work"/out/*.whl "$cache/.tmp.whl" && mv "$cache/.tmp.whl" "$cache/$(basename "$work"/out/*.whl)"
+echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl)"
+exit
+##############################################################################################################################################################################################################################################################################################################################
+cp "$work"/out/*.whl "$cache/.tmp.whl" && mv "$cache/.tmp.whl" "$cache/$(basename "$work"/out/*.whl)"
+echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl)"

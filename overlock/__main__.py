@@ -1,0 +1,5 @@
+import sys
+
+from overlock.cli import main
+
+sys.exit(main())

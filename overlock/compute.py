@@ -1,0 +1,68 @@
+"""Device, precision, threads and seeding from ``compute.*`` and ``seed`` — one place for all stages."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from overlock.params import ComputeParams
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def repo_root() -> Path:
+    """The repository root: $OVERLOCK_REPO, else the nearest parent holding params.yaml, else the cwd."""
+    env = os.environ.get("OVERLOCK_REPO")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "params.yaml").exists() and (p / "dvc.yaml").exists():
+            return p
+    return here
+
+
+def select_device(compute: ComputeParams) -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible, else the CPU; ``cuda`` without a GPU is an error."""
+    if compute.device == "cuda" or (compute.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device=cuda but no CUDA device is visible; set compute.device=auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def configure(compute: ComputeParams, seed: int | None = None) -> torch.device:
+    """Apply threads, the ContMix backend choice and the seed; return the device to use."""
+    if compute.threads:
+        torch.set_num_threads(compute.threads)
+    if compute.contmix_backend != "auto":
+        os.environ["OVERLOCK_CONTMIX_BACKEND"] = compute.contmix_backend
+    if seed is not None:
+        seed_everything(seed)
+    return select_device(compute)
+
+
+def seed_everything(seed: int) -> None:
+    """One seed drives Python, NumPy and torch (data order is seeded by the samplers from the same value)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast context for ``compute.precision`` (fp32: a no-op, numerics stay exact)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = _DTYPES[precision]
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("compute.precision=fp16 is not supported on CPU; use bf16 (or fp32)")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def needs_grad_scaler(precision: str, device: torch.device) -> bool:
+    """fp16 on CUDA needs loss scaling; bf16 and fp32 do not."""
+    return precision == "fp16" and device.type == "cuda"

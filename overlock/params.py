@@ -1,0 +1,232 @@
+"""The typed schema of ``params.yaml``: parsed and validated once, then passed down to every stage.
+
+Namespaces follow the stages (``data``, ``model``, ``pretrain``, ``finetune``, ``calibrate``, ``evaluate``,
+``tracking``, ``compute``) plus a top-level ``seed``. Unknown keys and bad values fail before any work with
+a message that names the key and the valid choices.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from overlock.registry import ARCH_NAMES, OVERLOCK_SIZES, resolve_model
+
+DatasetName = Literal["demo", "imagenet1k", "imagenet100", "cifar10"]
+DetectionDatasetName = Literal["demo_coco", "coco2017", "none"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a ``-S`` override) is invalid; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoDataParams(_Section):
+    """Size of the locally generated demo datasets (classification + COCO-style instances)."""
+    num_classes: int = Field(10, ge=2, le=100)
+    train_per_class: int = Field(60, ge=4)
+    val_per_class: int = Field(20, ge=2)
+    image_size: int = Field(64, ge=16, le=512)
+    coco_train_images: int = Field(48, ge=2)
+    coco_val_images: int = Field(16, ge=2)
+    coco_image_size: int = Field(128, ge=32, le=1024)
+
+
+class DataParams(_Section):
+    """Which datasets the ``download``/``extract`` stages prepare and where their archives come from."""
+    dataset: DatasetName = "demo"
+    detection_dataset: DetectionDatasetName = "demo_coco"
+    root: str = "data"
+    # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths)
+    sources: dict[str, str] = Field(default_factory=dict)
+    download_retries: int = Field(5, ge=0, le=50)
+    # held-out calibration split: images per class taken deterministically from train, never trained on
+    calibration_per_class: int = Field(5, ge=1)
+    demo: DemoDataParams = Field(default_factory=DemoDataParams)
+
+
+class ModelParams(_Section):
+    """``arch`` picks the family (OverLoCK or a dynamic-convolution baseline), ``size`` the OverLoCK size."""
+    arch: str = "overlock"
+    size: str = "xt"
+    # constructor overrides (depth, sub_depth, embed_dim, kernel_size, ...) for a model smaller than XT
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ARCH_NAMES:
+            raise ValueError(f"unknown model.arch {v!r}; valid: {', '.join(ARCH_NAMES)}")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, v: str) -> str:
+        if v not in OVERLOCK_SIZES:
+            raise ValueError(f"unknown model.size {v!r}; valid: {', '.join(OVERLOCK_SIZES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> "ModelParams":
+        resolve_model(self.arch, self.size)  # raises with the valid choices
+        allowed = {"depth", "sub_depth", "embed_dim", "kernel_size", "mlp_ratio", "sub_mlp_ratio",
+                   "sub_num_heads", "ls_init_value", "res_scale", "smk_size", "use_ds", "projection",
+                   "deploy", "use_checkpoint", "width_mult", "kernel_num", "reduction"}
+        unknown = sorted(set(self.overrides) - allowed)
+        if unknown:
+            raise ValueError(f"unknown model.overrides key(s) {unknown}; valid: {', '.join(sorted(allowed))}")
+        return self
+
+
+class PretrainParams(_Section):
+    """ImageNet-style pretraining with Ray Train (official recipe defaults where they apply)."""
+    recipe: Literal["demo", "official"] = "demo"
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1, description="per worker")
+    lr: float | None = Field(None, gt=0, description="None: 1e-3 * global batch / 1024 (official rule)")
+    lr_base: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    cooldown_epochs: int = Field(0, ge=0)
+    aux_loss_ratio: float = Field(0.4, ge=0)
+    ema_decay: float | None = Field(0.99, gt=0, lt=1)
+    clip_grad: float | None = Field(5.0, gt=0)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    smoothing: float = Field(0.1, ge=0, lt=1)
+    randaugment: str | None = None
+    reprob: float = Field(0.0, ge=0, le=1)
+    input_size: int = Field(64, ge=16)
+    workers: int = Field(2, ge=1, description="Ray Train workers")
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(1, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    storage_path: str | None = Field(None, description="Ray storage; None: .overlock/ray (absolute)")
+    ray_address: str | None = Field(None, description="None: connect to RAY_ADDRESS or start local Ray")
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    log_every_steps: int = Field(5, ge=1)
+    num_data_workers: int = Field(0, ge=0)
+
+
+class FinetuneParams(_Section):
+    """MMDetection fine-tuning (or evaluation of an official detector checkpoint)."""
+    mode: Literal["train", "evaluate"] = "train"
+    detector: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
+    schedule: Literal["demo", "1x", "3x"] = "demo"
+    init: Literal["ema", "raw", "checkpoint", "none"] = "ema"
+    checkpoint: str | None = Field(None, description="official classification (init) or detector (evaluate) ckpt")
+    max_iters: int | None = Field(None, ge=1, description="demo schedule length; None: config default")
+    samples_per_gpu: int = Field(2, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    drop_path_rate: float | None = Field(None, ge=0, lt=1)
+    img_scale: tuple[int, int] = (128, 128)
+    checkpoint_interval: int = Field(10, ge=1)
+    launcher: Literal["none", "pytorch"] = "none"
+
+
+class CalibrateParams(_Section):
+    """Temperature scaling on the held-out calibration split; detector score calibration."""
+    split: Literal["calibration", "val"] = "calibration"
+    bins: int = Field(15, ge=2)
+    max_iter: int = Field(200, ge=1)
+    detection_iou: float = Field(0.5, gt=0, lt=1)
+    detection_calibrator: Literal["temperature", "isotonic"] = "temperature"
+
+
+class EvaluateParams(_Section):
+    """Validation, COCO metrics, params/FLOPs, throughput, ERF/Grad-CAM and the report."""
+    throughput_batch: int = Field(64, ge=1)
+    throughput_image_size: int | None = Field(None, ge=16)
+    throughput_iters: int = Field(3, ge=1)
+    erf_images: int = Field(8, ge=1)
+    gradcam_images: int = Field(4, ge=0)
+    detection_images: int = Field(4, ge=0)
+
+
+class TrackingParams(_Section):
+    """MLflow: the URI (None: sqlite:///<repo>/mlflow.db, absolute) and the experiment name."""
+    uri: str | None = None
+    experiment: str = "overlock-pipeline"
+    register_models: bool = True
+
+
+class ComputeParams(_Section):
+    """Device and numerics shared by every stage."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = "fp32"
+    threads: int | None = Field(None, ge=1)
+    channels_last: bool = False
+    contmix_backend: Literal["auto", "gather", "fast", "natten"] = "auto"
+
+
+class Params(_Section):
+    """The whole of params.yaml."""
+    seed: int = 0
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
+
+    @model_validator(mode="after")
+    def _calibration_not_eval(self) -> "Params":
+        if self.calibrate.split == "val":
+            raise ValueError(
+                "calibrate.split='val' would fit the calibration on the evaluation split, which makes the "
+                "reported calibration metrics optimistic; use the held-out 'calibration' split "
+                "(its size is data.calibration_per_class)")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (e.g. a stage's params) for state directories."""
+        dump = self.model_dump(mode="json")
+        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; {msg.lower()}"
+        lines.append(f"  - {loc}: {msg}")
+    lines.append("Fix the value in params.yaml (or your `dvc exp run -S key=value`) and run again.")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError naming each bad key and its valid values."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run from the repository root or pass --params PATH")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    return parse_params(raw, str(path))

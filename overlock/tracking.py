@@ -1,0 +1,383 @@
+"""The one place that talks to MLflow.
+
+A pipeline execution is one parent run; each stage that runs is a child run. DVC runs stages as separate
+processes, so the parent is found by a key: the DVC experiment name when set, otherwise the git commit plus
+a hash of params.yaml. Every stage ends its own run FINISHED or FAILED (error as tag and artifact), copies
+its summary metrics to the parent, and the last stage (``evaluate``) closes the parent. A RUNNING child left
+by a killed process is marked FAILED by the next stage that finds it — unless the stage resumes it.
+
+Logging goes through :class:`StageRun`, which wraps ``MlflowClient`` with an explicit run id, so Ray workers
+(rank 0) can attach to the driver's run with :func:`attach_run`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from overlock.compute import repo_root
+from overlock.params import Params
+
+LAST_STAGE = "evaluate"
+TAG_KEY = "overlock.pipeline_key"
+TAG_ROLE = "overlock.role"
+TAG_STAGE = "overlock.stage"
+TAG_CLOSED = "overlock.closed"
+TAG_RESUME = "overlock.resume_key"
+
+
+def tracking_uri(params: Params | None = None, root: Path | None = None) -> str:
+    """``tracking.uri``, else $MLFLOW_TRACKING_URI, else ``sqlite:///<repo>/mlflow.db`` made absolute."""
+    if params is not None and params.tracking.uri:
+        uri = params.tracking.uri
+    else:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{(root or repo_root()).resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        return f"sqlite:///{((root or repo_root()) / rel).resolve()}"
+    return uri
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _git(*args: str, root: Path) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_state(root: Path | None = None) -> tuple[str, bool]:
+    """(commit or 'nogit', dirty flag) of the repository."""
+    root = root or repo_root()
+    commit = _git("rev-parse", "HEAD", root=root) or "nogit"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", root=root))
+    return commit, dirty
+
+
+def dvc_experiment_name() -> str:
+    """The DVC experiment name when running under ``dvc exp run`` ('' otherwise)."""
+    return os.environ.get("DVC_EXP_NAME", "")
+
+
+def pipeline_key(root: Path | None = None) -> str:
+    """Key shared by every stage of one pipeline execution (see the module docstring)."""
+    exp = dvc_experiment_name()
+    if exp:
+        return f"exp:{exp}"
+    root = root or repo_root()
+    commit, _ = git_state(root)
+    params_file = root / "params.yaml"
+    digest = hashlib.sha256(params_file.read_bytes() if params_file.exists() else b"").hexdigest()[:12]
+    return f"git:{commit[:12]}:params:{digest}"
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_input_hashes(stage: str, root: Path | None = None) -> dict[str, str]:
+    """md5 of each dep of ``stage`` in dvc.yaml: from dvc.lock (upstream outs) or computed for files."""
+    root = root or repo_root()
+    try:
+        deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").exists() else {}
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return {}
+    known: dict[str, str] = {}
+    for st in (lock or {}).get("stages", {}).values():
+        for entry in st.get("outs", []) or []:
+            if "md5" in entry:
+                known[entry["path"]] = entry["md5"]
+    hashes = {}
+    for dep in deps:
+        dep = dep if isinstance(dep, str) else next(iter(dep))
+        if dep in known:
+            hashes[dep] = known[dep]
+        elif (root / dep).is_file():
+            hashes[dep] = _file_md5(root / dep)
+    return hashes
+
+
+def environment_tags() -> dict[str, str]:
+    """torch/CUDA versions, CPU/GPU model, host and python: recorded on every run."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"env.torch": torch.__version__, "env.cuda": str(torch.version.cuda), "env.cpu": cpu,
+            "env.gpu": gpu, "env.python": platform.python_version(), "env.host": socket.gethostname()}
+
+
+def pip_freeze() -> str:
+    """Installed distributions as ``name==version`` lines (like ``pip freeze``)."""
+    dists = {(d.metadata["Name"] or "?"): d.version for d in importlib.metadata.distributions()}
+    return "\n".join(f"{n}=={v}" for n, v in sorted(dists.items(), key=lambda kv: kv[0].lower())) + "\n"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (``model.size``), for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StageRun:
+    """An MLflow run addressed by id; every logging call of the project goes through this class."""
+
+    def __init__(self, uri: str, run_id: str, parent_id: str | None = None, stage: str = ""):
+        self.uri, self.run_id, self.parent_id, self.stage = uri, run_id, parent_id, stage
+        self.client = _client(uri)
+        self.summary: dict[str, float] = {}
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log (flattened) params; values already logged with the same value are skipped."""
+        from mlflow.entities import Param
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log numeric metrics (non-finite values are skipped, not stored as NaN)."""
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and float(v) == float(v) and abs(float(v)) != float("inf")]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Log final metrics of the stage; they are also copied to the parent run on finish."""
+        self.log_metrics(metrics)
+        self.summary.update({k: float(v) for k, v in metrics.items() if v is not None})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Any]:
+        """Make this run the fluent API's active run (for ``mlflow.<flavor>.log_model``)."""
+        import mlflow
+        mlflow.set_tracking_uri(self.uri)
+        if mlflow.active_run() and mlflow.active_run().info.run_id == self.run_id:
+            yield mlflow.active_run()
+            return
+        run = mlflow.start_run(run_id=self.run_id)
+        try:
+            yield run
+        finally:
+            mlflow.end_run()  # marks FINISHED; the stage's own finish() decides the final status
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    def log_pytorch_model(self, model, name: str, registered_name: str | None = None,
+                          alias: str = "latest-pipeline", input_example=None) -> str | None:
+        """Log a torch model as an MLflow model; register it (with ``alias``) when ``registered_name``."""
+        import mlflow
+        with self.active():
+            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example)
+        if registered_name:
+            return self.register(info.model_uri, registered_name, alias)
+        return None
+
+    def register(self, model_uri: str, registered_name: str, alias: str = "latest-pipeline") -> str:
+        """Register ``model_uri`` in the model registry and point ``alias`` at the new version."""
+        import mlflow
+        mv = mlflow.register_model(model_uri, registered_name)
+        self.client.set_registered_model_alias(registered_name, alias, mv.version)
+        self.set_tags({f"registered.{registered_name}": mv.version})
+        return str(mv.version)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        """End this run; copy the summary to the parent; close the parent after the last stage."""
+        if error is not None:
+            text = "".join(traceback.format_exception(error))
+            self.set_tags({"overlock.error": f"{type(error).__name__}: {error}"[:5000]})
+            with contextlib.suppress(Exception):
+                self.log_text(text, "error.txt")
+        self.client.set_terminated(self.run_id, status=status)
+        if not self.parent_id:
+            return
+        if self.summary:
+            self.client.log_batch(self.parent_id, metrics=[
+                __import__("mlflow").entities.Metric(f"{self.stage}.{k}", v, int(time.time() * 1000), 0)
+                for k, v in self.summary.items()])
+        if status != "FINISHED":
+            self.client.set_tag(self.parent_id, "overlock.failed_stage", self.stage)
+            self.client.set_terminated(self.parent_id, status="FAILED")
+        else:
+            if self.stage == LAST_STAGE:
+                self.client.set_tag(self.parent_id, TAG_CLOSED, "true")
+            self.client.set_terminated(self.parent_id, status="FINISHED")
+
+
+def attach_run(uri: str, run_id: str) -> StageRun:
+    """Attach to an existing run (e.g. from a Ray worker) to log into it."""
+    return StageRun(uri, run_id)
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _find_parent(client, exp_id: str, key: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_ROLE}` = 'pipeline'",
+                              order_by=["attributes.start_time DESC"], max_results=10)
+    for run in runs:
+        if run.data.tags.get(TAG_CLOSED) != "true":
+            return run
+    return None
+
+
+def _fail_stale_children(client, exp_id: str, parent_id: str) -> None:
+    host = socket.gethostname()
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                                      "attributes.status = 'RUNNING'")
+    for run in runs:
+        pid = int(run.data.tags.get("overlock.pid", "0") or 0)
+        if run.data.tags.get("env.host") == host and pid and _pid_alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "overlock.error", f"killed: process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def start_stage(stage: str, params: Params, resume_key: str | None = None,
+                root: Path | None = None) -> StageRun:
+    """Find or create the pipeline's parent run and start (or resume) this stage's child run."""
+    root = root or repo_root()
+    uri = tracking_uri(params, root)
+    client = _client(uri)
+    exp_id = _experiment_id(client, params.tracking.experiment)
+    key = pipeline_key(root)
+    commit, dirty = git_state(root)
+    exp_name = dvc_experiment_name()
+    common = {TAG_KEY: key, "git.commit": commit, "git.dirty": str(dirty).lower(),
+              "dvc.experiment": exp_name or "(none)", "mlflow.source.git.commit": commit}
+
+    parent = _find_parent(client, exp_id, key)
+    if parent is None:
+        name = f"pipeline {exp_name}" if exp_name else f"pipeline {commit[:8]}"
+        parent_id = client.create_run(exp_id, run_name=name, tags={**common, TAG_ROLE: "pipeline"}).info.run_id
+        client.log_batch(parent_id, params=[__import__("mlflow").entities.Param(k, str(v)[:6000])
+                                            for k, v in flatten(params.model_dump(mode="json")).items()])
+    else:
+        parent_id = parent.info.run_id
+        client.update_run(parent_id, status="RUNNING")
+        _fail_stale_children(client, exp_id, parent_id)
+
+    run_id = None
+    if resume_key:
+        prior = client.search_runs([exp_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG_STAGE}` = '{stage}' and "
+            f"tags.`{TAG_RESUME}` = '{resume_key}'"), order_by=["attributes.start_time DESC"], max_results=1)
+        if prior and prior[0].info.status != "FINISHED":
+            run_id = prior[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+    if run_id is None:
+        tags = {**common, TAG_ROLE: "stage", TAG_STAGE: stage, "mlflow.parentRunId": parent_id}
+        if resume_key:
+            tags[TAG_RESUME] = resume_key
+        run_id = client.create_run(exp_id, run_name=stage, tags=tags).info.run_id
+    run = StageRun(uri, run_id, parent_id, stage)
+    run.set_tags({"overlock.pid": os.getpid(), **environment_tags(),
+                  **{f"input.{k}": v for k, v in stage_input_hashes(stage, root).items()}})
+    run.log_params(params.model_dump(mode="json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        freeze = Path(tmp) / "pip_freeze.txt"
+        freeze.write_text(pip_freeze())
+        run.log_artifact(freeze, "environment")
+    return run
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, resume_key: str | None = None) -> Iterator[StageRun]:
+    """Context manager: the stage's child run, ended FINISHED, or FAILED with the error on an exception."""
+    run = start_stage(stage, params, resume_key=resume_key)
+    try:
+        yield run
+    except BaseException as err:  # KeyboardInterrupt/SystemExit too: nothing is left RUNNING
+        with contextlib.suppress(Exception):
+            run.finish("FAILED", error=err)
+        raise
+    else:
+        run.finish("FINISHED")
+
+
+def write_metrics_file(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write a DVC metrics JSON (atomically)."""
+    from overlock.state import write_json_atomic
+    write_json_atomic(Path(path), metrics)
+
+
+__all__ = ["StageRun", "attach_run", "start_stage", "stage_run", "tracking_uri", "pipeline_key",
+           "write_metrics_file"]
