@@ -50,6 +50,8 @@ class DataParams(_Section):
     download_retries: int = Field(5, ge=0, le=50)
     # held-out calibration split: images per class taken deterministically from train, never trained on
     calibration_per_class: int = Field(5, ge=1)
+    # image check of the extract stage: full = decode every image (parallel over all cores), header = PIL verify
+    verify_images: Literal["full", "header"] = "full"
     demo: DemoDataParams = Field(default_factory=DemoDataParams)
 
 

@@ -1,0 +1,109 @@
+"""Datasets the training stages read from the extract stage's layout (the one place that knows it).
+
+``classification/``: ``train/<class>/*``, ``val/<class>/*``, ``classes.json``, ``splits.json`` (paths relative
+to ``classification/``: ``"calibration"`` held out of train, ``"excluded"`` unreadable images).
+``detection/``: COCO 2017 layout with ``splits/{train,calibration}.json``; MMDetection's ``CocoDataset`` reads
+it through :func:`coco_split_files`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "calibration", "val")
+
+
+def classification_root(data_dir: str | Path) -> Path:
+    """``<data_dir>/classification`` (accepts that folder itself too)."""
+    data_dir = Path(data_dir)
+    return data_dir if (data_dir / "classes.json").exists() else data_dir / "classification"
+
+
+def detection_root(data_dir: str | Path) -> Path:
+    """``<data_dir>/detection`` (accepts that folder itself too)."""
+    data_dir = Path(data_dir)
+    return data_dir if (data_dir / "annotations").is_dir() else data_dir / "detection"
+
+
+def load_classes(root: str | Path) -> list[dict]:
+    """Ordered ``[{"id": wnid-or-name, "name": human name}]``; label ``i`` is entry ``i``."""
+    path = classification_root(root) / "classes.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the extract stage first (dvc repro extract)")
+    return json.loads(path.read_text())
+
+
+def load_splits(root: str | Path) -> dict[str, list[str]]:
+    """``{"calibration": [...], "excluded": [...]}`` relative to the classification root."""
+    return json.loads((classification_root(root) / "splits.json").read_text())
+
+
+def classification_samples(root: str | Path, split: str) -> list[tuple[str, int]]:
+    """(absolute path, label) of ``split``: train (minus calibration and excluded), calibration or val."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    root = classification_root(root)
+    classes = load_classes(root)
+    splits = load_splits(root)
+    excluded = set(splits["excluded"])
+    label = {c["id"]: i for i, c in enumerate(classes)}
+    if split == "calibration":
+        rel = [p for p in splits["calibration"] if p not in excluded]
+    else:
+        held = set(splits["calibration"]) if split == "train" else set()
+        rel = []
+        for c in classes:
+            folder = root / split / c["id"]
+            names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".")) if folder.is_dir() else []
+            rel += [p for p in (f"{split}/{c['id']}/{n}" for n in names) if p not in excluded and p not in held]
+    return [(str(root / p), label[p.split("/")[1]]) for p in rel]
+
+
+class ClassificationDataset(Dataset):
+    """(image, label) pairs of one split; ``transform`` (e.g. from ``timm.data.create_transform``) maps PIL.
+
+    ``classes``: class ids (wnids/folder names) in label order; ``class_names``: human names;
+    ``samples``: (path, label) list; ``targets``: labels.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
+        self.root = classification_root(root)
+        self.split = split
+        self.transform = transform
+        records = load_classes(self.root)
+        self.classes = [c["id"] for c in records]
+        self.class_names = [c["name"] for c in records]
+        self.samples = classification_samples(self.root, split)
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        return (self.transform(image) if self.transform else image), label
+
+
+def coco_split_files(detection_root_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """``{"train"|"calibration"|"val": (annotation json, image folder with trailing /)}`` for mmdet configs."""
+    root = Path(detection_root_dir).resolve()
+    files = {"train": (root / "splits" / "train.json", root / "train2017"),
+             "calibration": (root / "splits" / "calibration.json", root / "train2017"),
+             "val": (root / "annotations" / "instances_val2017.json", root / "val2017")}
+    missing = [str(a) for a, _ in files.values() if not a.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing} not found: run the extract stage with data.detection_dataset set")
+    return {k: (str(a), str(i) + "/") for k, (a, i) in files.items()}
+
+
+def coco_categories(detection_root_dir: str | Path) -> list[str]:
+    """Category names in COCO id order (mmdet's ``classes``)."""
+    ann = json.loads(Path(coco_split_files(detection_root_dir)["val"][0]).read_text())
+    return [c["name"] for c in sorted(ann["categories"], key=lambda c: c["id"])]

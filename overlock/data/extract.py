@@ -1,0 +1,203 @@
+"""The ``extract`` stage: safe extraction of tar/zip archives, then the standard layouts.
+
+Safe extraction checks every member before anything is written: absolute paths, ``..`` components, links
+that point outside the target and device/FIFO members are rejected with an error naming the archive and the
+member. Tar extraction then also runs with Python's ``data`` filter as a second line of defence.
+
+The stage builds the layouts (:mod:`overlock.data.layouts`) in a state directory (resumable: finished
+classes and archives are not extracted again after a kill), writes the splits and the integrity report,
+and moves the finished tree to ``out`` in one rename, so ``out`` never holds a partial dataset that looks
+valid. A re-run on unchanged archives and params does no work.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from overlock.state import read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+COMPLETE = ".complete.json"
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would write outside the target (or is a device file); nothing was extracted."""
+
+
+class ArchiveError(ValueError):
+    """An archive is missing, unreadable or does not hold what its dataset needs."""
+
+
+# ------------------------------------------------------------------------------------ member checks
+def _check_name(name: str, archive: str) -> None:
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refusing to extract the "
+                                 f"archive (nothing was written). Use an archive with relative member paths.")
+    if ".." in PurePosixPath(norm).parts:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} contains '..' and would be written outside the "
+                                 f"target; refusing to extract the archive (nothing was written).")
+
+
+def _inside(target: Path, path: str) -> bool:
+    root = os.path.normpath(os.path.abspath(target))
+    full = os.path.normpath(os.path.join(root, path))
+    return full == root or full.startswith(root + os.sep)
+
+
+def _check_link(name: str, link: str, target: Path, archive: str, relative_to_member: bool) -> None:
+    dest = os.path.join(os.path.dirname(name), link) if relative_to_member else link
+    if os.path.isabs(link) or not _inside(target, dest):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a link to {link!r}, outside the target; "
+                                 f"refusing to extract the archive (nothing was written).")
+
+
+def check_tar_members(tar: tarfile.TarFile, target: Path, archive: str) -> list[tarfile.TarInfo]:
+    """Validate every member of ``tar`` for extraction into ``target``; return the members."""
+    members = tar.getmembers()
+    for m in members:
+        _check_name(m.name, archive)
+        if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
+            raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device or FIFO file; refusing to "
+                                     f"extract the archive (nothing was written).")
+        if m.issym():
+            _check_link(m.name, m.linkname, target, archive, relative_to_member=True)
+        elif m.islnk():
+            _check_link(m.name, m.linkname, target, archive, relative_to_member=False)
+        elif not (m.isfile() or m.isdir()):
+            raise UnsafeArchiveError(f"{archive}: member {m.name!r} has an unsupported type; refusing to extract.")
+    return members
+
+
+def check_zip_members(zf: zipfile.ZipFile, target: Path, archive: str) -> list[zipfile.ZipInfo]:
+    """Validate every member of ``zf`` (names and symlink entries) for extraction into ``target``."""
+    infos = zf.infolist()
+    for info in infos:
+        _check_name(info.filename, archive)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            _check_link(info.filename, zf.read(info).decode("utf-8", "replace"), target, archive, True)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+            raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a device or FIFO file; refusing "
+                                     f"to extract the archive (nothing was written).")
+    return infos
+
+
+def safe_extract_tar(tar: tarfile.TarFile, target: Path, archive: str = "archive") -> list[str]:
+    """Check all members of an open tar, then extract it into ``target`` (``data`` filter); return names."""
+    target = Path(target)
+    members = check_tar_members(tar, target, archive)
+    target.mkdir(parents=True, exist_ok=True)
+    tar.extractall(target, members=members, filter="data")
+    return [m.name for m in members if m.isfile()]
+
+
+def safe_extract(archive: Path, target: Path, members: list[str] | None = None) -> list[str]:
+    """Safely extract a tar, tar.gz or zip archive into ``target``; return the extracted file names.
+
+    ``members``: only these names (zip) / the whole archive when None. Raises :class:`UnsafeArchiveError`
+    before anything is written when any member is unsafe, :class:`ArchiveError` when unreadable.
+    """
+    archive, target = Path(archive), Path(target)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                infos = check_zip_members(zf, target, archive.name)
+                wanted = [i for i in infos if members is None or i.filename in members]
+                target.mkdir(parents=True, exist_ok=True)
+                for info in wanted:
+                    zf.extract(info, target)
+                return [i.filename for i in wanted if not i.is_dir()]
+        with tarfile.open(archive) as tar:
+            return safe_extract_tar(tar, target, archive.name)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        raise ArchiveError(f"{archive} is not a readable tar or zip archive ({type(err).__name__}: {err}); "
+                           f"delete it and run the download stage again.") from None
+
+
+# ---------------------------------------------------------------------------------------- the stage
+def _move_dir(staging: Path, out: Path) -> None:
+    try:
+        replace_dir_atomic(staging, out)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        near = out.with_name(f".{out.name}.incoming")
+        shutil.rmtree(near, ignore_errors=True)
+        shutil.move(str(staging), near)  # other file system: copy next to out, then rename
+        replace_dir_atomic(near, out)
+
+
+def _fingerprint(params, manifest: dict) -> str:
+    blob = json.dumps({"archives": {f: m["digest"] for f, m in sorted(manifest.items())},
+                       "seed": params.seed, "data": params.data.model_dump(mode="json", exclude={"sources"})},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(archives: Path) -> dict:
+    """The download stage's ``MANIFEST.json`` with each listed archive checked to be present."""
+    from overlock.data.download import MANIFEST
+    manifest = read_json(Path(archives) / MANIFEST)
+    if manifest is None:
+        raise ArchiveError(f"{Path(archives) / MANIFEST} not found: run the download stage first "
+                           f"(python -m stages.download --params params.yaml --out {archives}).")
+    for file, entry in manifest.items():
+        path = Path(archives) / file
+        if not path.exists() or path.stat().st_size != entry["size"]:
+            raise ArchiveError(f"archive {path} is missing or changed since it was verified; run the download "
+                               f"stage again.")
+    return manifest
+
+
+def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
+    """Stage ``extract``: build the selected datasets' layouts from ``archives`` into ``out``.
+
+    Writes ``out/classification`` and/or ``out/detection`` (with ``splits.json`` / ``splits/*.json``),
+    ``out/integrity_report.json``, the DVC metrics JSON ``metrics`` and logs counts plus the report (and a
+    per-class chart) to ``run``. Returns the integrity report (``"skipped": True`` when nothing changed).
+    """
+    from overlock.data import layouts
+    from overlock.tracking import write_metrics_file
+    archives, out = Path(archives), Path(out)
+    manifest = read_manifest(archives)
+    key = _fingerprint(params, manifest)
+    done = read_json(out / COMPLETE)
+    skipped = bool(done) and done.get("fingerprint") == key and (out / layouts.REPORT).exists()
+    if skipped:
+        log.info("extract: %s is up to date with the archives; nothing to do", out)
+    else:
+        staging = stage_state_dir("extract", params, ("data",), extra=key) / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        layouts.build_all(params, archives, manifest, staging)
+        write_json_atomic(staging / COMPLETE, {"fingerprint": key})
+        _move_dir(staging, out)
+    report = read_json(out / layouts.REPORT)
+    flat = layouts.report_metrics(report)
+    write_metrics_file(metrics, flat)
+    run.log_summary({k.replace("/", "."): v for k, v in _flatten(flat).items()})
+    run.log_artifact(out / layouts.REPORT, "extract")
+    for png in sorted(out.glob("integrity_*.png")):
+        run.log_artifact(png, "extract")
+    run.set_tags({"extract.skipped": str(skipped).lower()})
+    print(f"extract: {json.dumps(flat)}", file=sys.stderr)
+    return {**report, "skipped": skipped}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return out
