@@ -52,24 +52,27 @@ def register_baseline(spec: ModelSpec) -> None:
 
 
 def _baselines() -> None:
-    # name: (pyramid channels, module); timm and mmdet names equal the arch name
+    # ODConv / KernelWarehouse baselines and their plain counterparts (overlock.models.baselines; MMDetection
+    # backbones in overlock.detection.baseline_backbones). name: (pyramid channels, ImageNet drop path, COCO
+    # drop path) -- the official recipes' values; timm and mmdet names are f"dc_{name}".
+    r50, mbv2, cnx = (256, 512, 1024, 2048), (24, 32, 96, 1280), (96, 192, 384, 768)
     table = {
-        "resnet50": (256, 512, 1024, 2048),
-        "odconv1x_resnet50": (256, 512, 1024, 2048),
-        "odconv4x_resnet50": (256, 512, 1024, 2048),
-        "kw1x_resnet50": (256, 512, 1024, 2048),
-        "kw4x_resnet50": (256, 512, 1024, 2048),
-        "mobilenetv2_100": (24, 32, 96, 1280),
-        "odconv1x_mobilenetv2_100": (24, 32, 96, 1280),
-        "odconv4x_mobilenetv2_100": (24, 32, 96, 1280),
-        "kw1x_mobilenetv2_100": (24, 32, 96, 1280),
-        "kw4x_mobilenetv2_100": (24, 32, 96, 1280),
-        "convnext_tiny": (96, 192, 384, 768),
-        "kw1x_convnext_tiny": (96, 192, 384, 768),
+        "resnet50": (r50, 0.0, 0.0),
+        "odconv1x_resnet50": (r50, 0.0, 0.0),
+        "odconv4x_resnet50": (r50, 0.0, 0.0),
+        "kw1x_resnet50": (r50, 0.1, 0.1),
+        "kw4x_resnet50": (r50, 0.1, 0.1),
+        "mobilenetv2_100": (mbv2, 0.0, 0.0),
+        "odconv1x_mobilenetv2_100": (mbv2, 0.0, 0.0),
+        "odconv4x_mobilenetv2_100": (mbv2, 0.0, 0.0),
+        "kw1x_mobilenetv2_100": (mbv2, 0.0, 0.0),
+        "kw4x_mobilenetv2_100": (mbv2, 0.0, 0.0),
+        "convnext_tiny": (cnx, 0.1, 0.4),
+        "kw1x_convnext_tiny": (cnx, 0.3, 0.4),
     }
-    for name, ch in table.items():
+    for name, (ch, dp, ddp) in table.items():
         register_baseline(ModelSpec(arch=name, timm_name=f"dc_{name}", mmdet_backbone=f"dc_{name}",
-                                    pyramid_channels=ch, drop_path_rate=0.0, detection_drop_path_rate=0.0,
+                                    pyramid_channels=ch, drop_path_rate=dp, detection_drop_path_rate=ddp,
                                     module="overlock.models.baselines"))
 
 

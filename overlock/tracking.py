@@ -222,11 +222,14 @@ class StageRun:
             self.client.update_run(self.run_id, status="RUNNING")
 
     def log_pytorch_model(self, model, name: str, registered_name: str | None = None,
-                          alias: str = "latest-pipeline", input_example=None) -> str | None:
-        """Log a torch model as an MLflow model; register it (with ``alias``) when ``registered_name``."""
+                          alias: str = "latest-pipeline", input_example=None, **log_model_kwargs) -> str | None:
+        """Log a torch model as an MLflow model; register it (with ``alias``) when ``registered_name``.
+
+        ``log_model_kwargs`` go to ``mlflow.pytorch.log_model`` (e.g. ``pip_requirements`` skips the slow
+        requirement inference)."""
         import mlflow
         with self.active():
-            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example)
+            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example, **log_model_kwargs)
         if registered_name:
             return self.register(info.model_uri, registered_name, alias)
         return None
@@ -235,6 +238,23 @@ class StageRun:
         """Register ``model_uri`` in the model registry and point ``alias`` at the new version."""
         import mlflow
         mv = mlflow.register_model(model_uri, registered_name)
+        self.client.set_registered_model_alias(registered_name, alias, mv.version)
+        self.set_tags({f"registered.{registered_name}": mv.version})
+        return str(mv.version)
+
+    def register_artifacts(self, artifact_path: str, registered_name: str, alias: str = "latest-pipeline") -> str:
+        """Register a logged artifact directory (e.g. a checkpoint + config, no MLflow flavor) as a version.
+
+        MLflow 3's ``register_model("runs:/...")`` only accepts logged models, so the version is created from
+        the run's artifact location directly. Returns the version.
+        """
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_registered_model(registered_name)
+        except MlflowException:
+            self.client.create_registered_model(registered_name)
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        mv = self.client.create_model_version(registered_name, source, run_id=self.run_id)
         self.client.set_registered_model_alias(registered_name, alias, mv.version)
         self.set_tags({f"registered.{registered_name}": mv.version})
         return str(mv.version)
