@@ -121,8 +121,11 @@ class DynamicConvBlock(nn.Module):
     position bias is added (``rpb1``/``rpb2``), softmax over the window, and the kernels aggregate half of
     the heads each over the clamped neighbourhood (``na2d_av``).
 
-    ``resize_small_maps`` (dense backbone): maps whose short side is below ``kernel_size`` are up-sampled for
-    the ContMix part and pooled back, as the official detection code does.
+    ``resize_small_maps`` (default, classifier and dense backbone): maps whose short side is below
+    ``kernel_size`` are up-sampled (bilinear) for the ContMix part and pooled back, as the official code does
+    (natten 0.17 rejects maps smaller than the window, so this is the only official behaviour there; the
+    shared parity fixture's classifier logits at 128x128, stage-4 maps 4x4 < kernel 5, require it).
+    ``False`` keeps the map and lets ``na2d_av`` zero-pad the window instead (not official).
     """
 
     def __init__(
@@ -141,7 +144,7 @@ class DynamicConvBlock(nn.Module):
             is_last: bool = False,
             deploy: bool = False,
             use_checkpoint: bool = False,
-            resize_small_maps: bool = False,
+            resize_small_maps: bool = True,
     ):
         super().__init__()
         ctx_dim = ctx_dim // 4
@@ -277,8 +280,6 @@ def _per_stage(value, name: str, length: int) -> list:
 class _OverLoCKTrunk(nn.Module):
     """Base-Net, Overview-Net and Focus-Net shared by the classifier and the dense backbone."""
 
-    _dense = False
-
     def __init__(
             self,
             depth: Sequence[int] = (2, 2, 2, 2),
@@ -358,8 +359,7 @@ class _OverLoCKTrunk(nn.Module):
                     ls_init_value=ls_init_value[stage], res_scale=res_scale,
                     drop_path=dpr[starts[4 + sub] + i], norm_layer=norm_layer,
                     is_first=(sub == 0 and i == 0), is_last=(sub == 1 and i == sub_depth[1] - 1),
-                    deploy=deploy, use_checkpoint=i < use_checkpoint[stage],
-                    resize_small_maps=self._dense)
+                    deploy=deploy, use_checkpoint=i < use_checkpoint[stage])
                 for i in range(sub_depth[sub]))
             setattr(self, f"sub_blocks{stage + 1}", blocks)
 
@@ -510,13 +510,14 @@ class OverLoCKBackbone(_OverLoCKTrunk):
     Returns a tuple with the pyramid levels in ``out_indices`` (strides 4, 8, 16, 32; e.g. T has 64, 128,
     384, 640 channels, see ``out_channels``). Level 2 is the stage-3 Focus-Net features concatenated with the
     context, level 3 the stage-4 output plus a projection of the Overview-Net output, each LayerNormed
-    (``extra_norm``). No classification heads; a classifier checkpoint loads after dropping them.
+    (``extra_norm``). As in the official detection code, stage 3 consumes the LayerNormed level-1 output
+    (``extra_norm[1]``), not the raw stage-2 features the classifier uses. No classification heads; a
+    classifier checkpoint loads after dropping them.
 
-    ``frozen_stages``: ``k`` >= 1 freezes (eval mode, no gradients) the modules of levels 0..k-1; level 2
-    includes the Overview-Net (``patch_embed4``, ``blocks4``, ``high_level_proj``) that guides it.
+    ``frozen_stages``: ``k`` >= 1 freezes (eval mode, no gradients) the modules of levels 0..k-1; level 1
+    includes ``extra_norm[1]`` (it feeds stage 3), level 2 the Overview-Net (``patch_embed4``, ``blocks4``,
+    ``high_level_proj``) that guides it.
     """
-
-    _dense = True
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1, **kwargs):
         for drop in ("num_classes", "projection", "use_ds"):  # classifier-only arguments are accepted
@@ -542,7 +543,7 @@ class OverLoCKBackbone(_OverLoCKTrunk):
     def _stage_modules(self, level: int) -> list[nn.Module]:
         return [
             [self.patch_embed1, self.blocks1],
-            [self.patch_embed2, self.blocks2],
+            [self.patch_embed2, self.blocks2, self.extra_norm[1]],
             [self.patch_embed3, self.blocks3, self.patch_embed4, self.blocks4, self.high_level_proj,
              self.sub_blocks3],
             [self.patch_embedx, self.sub_blocks4, self.h_proj],
@@ -562,10 +563,11 @@ class OverLoCKBackbone(_OverLoCKTrunk):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x0, x1 = self.forward_pre_features(x)
+        x1 = self.extra_norm[1](x1)  # official: stage 3 runs on the normalised level-1 output
         x, ctx = self.forward_base_features(x1)
         stage3, x, overview = self.forward_sub_features(x, ctx)
         x3 = self.extra_norm[3](x) + self.h_proj(self.extra_norm[4](overview))
-        levels = (self.extra_norm[0](x0), self.extra_norm[1](x1), self.extra_norm[2](stage3), x3)
+        levels = (self.extra_norm[0](x0), x1, self.extra_norm[2](stage3), x3)
         return tuple(levels[i] for i in self.out_indices)
 
 
