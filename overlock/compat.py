@@ -1,0 +1,147 @@
+"""Every shim that mmcv-full 1.7.2 / mmdet 2.28.2 need on torch 2.x and numpy >= 1.24, in one place.
+
+Importing this module applies them (idempotently); ``overlock.detection`` imports it first. Each shim is
+a small named function so tests can check its effect in isolation:
+
+- ``patch_checkpoint_loading``: torch >= 2.6 loads with ``weights_only=True`` by default, so mmcv cannot
+  resume from its own full checkpoints (optimizer state, free-form ``meta``). mmcv's local-file loader now
+  passes ``weights_only`` explicitly: ``False`` only for files under a directory registered as trusted with
+  :func:`trusted_checkpoint_dir` (the pipeline's own work dir), ``True`` for everything else (official
+  releases, user-supplied paths), so a foreign pickle can never run code.
+- ``patch_get_stream``: ``mmcv.parallel._functions.Scatter`` passes a GPU index (int) to torch's
+  ``_get_stream``, which takes a ``torch.device`` since torch 2.0.
+- ``patch_mmddp``: ``MMDistributedDataParallel._run_ddp_forward`` reads ``_use_replicated_tensor_module``,
+  an attribute torch removed in 2.0; without it every DDP forward (e.g. distributed testing) fails.
+- ``patch_iter_runner_resume``: ``IterBasedRunner.resume`` maps a checkpoint to
+  ``torch.cuda.current_device()`` unconditionally, so resuming an iteration-based run fails on a CPU-only
+  host; without CUDA the default now maps to the CPU (as ``BaseRunner.resume`` already does).
+- ``patch_numpy_aliases``: ``np.int``/``np.float``/``np.bool`` (removed in numpy 1.24) are still used by
+  mmdet (``CustomDataset.get_cat_ids``, samplers).
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["ORIGINALS", "apply_all", "trusted_checkpoint_dir", "is_trusted_checkpoint", "load_local_checkpoint",
+           "patch_checkpoint_loading", "patch_get_stream", "patch_mmddp",
+           "patch_iter_runner_resume", "patch_numpy_aliases"]
+
+_TRUSTED_DIRS: list[Path] = []
+_LOCK = threading.Lock()
+_APPLIED: set[str] = set()
+# the functions each shim replaced (tests call them to show the failure the shim fixes)
+ORIGINALS: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def trusted_checkpoint_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Within the block, mmcv loads files under ``path`` with ``weights_only=False`` (our own checkpoints)."""
+    resolved = Path(path).resolve()
+    with _LOCK:
+        _TRUSTED_DIRS.append(resolved)
+    try:
+        yield resolved
+    finally:
+        with _LOCK:
+            _TRUSTED_DIRS.remove(resolved)
+
+
+def is_trusted_checkpoint(filename: str | os.PathLike) -> bool:
+    """True when ``filename`` (symlinks resolved) lies inside a directory registered as trusted."""
+    resolved = Path(filename).expanduser().resolve()
+    with _LOCK:
+        return any(resolved.is_relative_to(d) for d in _TRUSTED_DIRS)
+
+
+def load_local_checkpoint(filename: str, map_location=None):
+    """mmcv's local checkpoint loader with an explicit ``weights_only`` (False only for trusted files)."""
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f"{filename} can not be found.")
+    trusted = is_trusted_checkpoint(filename)
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as err:  # a foreign file holding arbitrary objects
+        if trusted:
+            raise
+        raise RuntimeError(
+            f"refusing to unpickle {filename}: it is not a checkpoint written by this pipeline and holds "
+            f"objects other than tensors and plain containers ({err.__class__.__name__}). Re-save it with "
+            f"plain tensors (torch.save({{'state_dict': model.state_dict()}}, path)) and pass that file.") from err
+
+
+def patch_checkpoint_loading() -> None:
+    """Route mmcv's local-file scheme (and the module attribute) through :func:`load_local_checkpoint`."""
+    from mmcv.runner import checkpoint as mmcv_checkpoint
+
+    ORIGINALS.setdefault("load_from_local", mmcv_checkpoint.load_from_local)
+    mmcv_checkpoint.load_from_local = load_local_checkpoint
+    mmcv_checkpoint.CheckpointLoader.register_scheme(prefixes="", loader=load_local_checkpoint, force=True)
+
+
+def _get_stream_accepting_int(device):
+    from torch.nn.parallel._functions import _get_stream as torch_get_stream
+
+    if isinstance(device, int):
+        device = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    return torch_get_stream(device)
+
+
+def patch_get_stream() -> None:
+    """Make ``mmcv.parallel._functions._get_stream`` accept the GPU index mmcv passes."""
+    from mmcv.parallel import _functions
+
+    ORIGINALS.setdefault("_get_stream", _functions._get_stream)
+    _functions._get_stream = _get_stream_accepting_int
+
+
+def patch_mmddp() -> None:
+    """Give ``MMDistributedDataParallel`` the attributes torch 2.x removed (no replicated module)."""
+    from mmcv.parallel import MMDistributedDataParallel
+
+    if not hasattr(MMDistributedDataParallel, "_use_replicated_tensor_module"):
+        MMDistributedDataParallel._use_replicated_tensor_module = False
+        MMDistributedDataParallel._replicated_tensor_module = None
+
+
+def patch_iter_runner_resume() -> None:
+    """``IterBasedRunner.resume(map_location='default')`` loads onto the CPU when no GPU is visible."""
+    from mmcv.runner import IterBasedRunner
+
+    original = ORIGINALS.setdefault("IterBasedRunner.resume", IterBasedRunner.resume)
+
+    def resume(self, checkpoint, resume_optimizer=True, map_location="default"):
+        if map_location == "default" and not torch.cuda.is_available():
+            map_location = "cpu"
+        return original(self, checkpoint, resume_optimizer=resume_optimizer, map_location=map_location)
+
+    resume.__doc__ = original.__doc__
+    IterBasedRunner.resume = resume
+
+
+def patch_numpy_aliases() -> None:
+    """Restore the builtin-type aliases numpy 1.24 removed (``np.int`` is ``int``, as it always was)."""
+    for name, value in (("int", int), ("float", float), ("bool", bool), ("object", object)):
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
+
+def apply_all() -> None:
+    """Apply every shim once (no-op for shims already applied; mmcv shims need mmcv installed)."""
+    shims = {"numpy": patch_numpy_aliases, "checkpoint": patch_checkpoint_loading,
+             "get_stream": patch_get_stream, "mmddp": patch_mmddp, "iter_resume": patch_iter_runner_resume}
+    for name, shim in shims.items():
+        if name not in _APPLIED:
+            shim()
+            _APPLIED.add(name)
+
+
+apply_all()

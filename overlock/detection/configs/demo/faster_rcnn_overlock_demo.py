@@ -1,0 +1,16 @@
+# CPU demo: Faster R-CNN, i.e. the Mask R-CNN demo without the mask branch and mask annotations.
+_base_ = './mask_rcnn_overlock_demo.py'
+model = dict(type='FasterRCNN', roi_head=dict(mask_roi_extractor=None, mask_head=None),
+             train_cfg=dict(rcnn=dict(mask_size=None)))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', img_scale=(128, 128), keep_ratio=True),
+    dict(type='RandomFlip', flip_ratio=0.5),
+    dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+    dict(type='Pad', size_divisor=32),
+    dict(type='DefaultFormatBundle'),
+    dict(type='Collect', keys=['img', 'gt_bboxes', 'gt_labels']),
+]
+data = dict(train=dict(pipeline=train_pipeline))
+evaluation = dict(metric=['bbox'])

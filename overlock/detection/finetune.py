@@ -1,0 +1,418 @@
+"""The ``finetune`` stage: MMDetection fine-tuning of the pretrained backbone, then COCO evaluation.
+
+``run_finetune(params, run, data, classifier, out, metrics, plots)``:
+
+1. checks the inputs (detection layout, classifier checkpoint) and builds the mmdet config from params;
+2. ``finetune.mode: train`` — builds the detector, initialises the backbone from the pretrain output
+   (``finetune.init: ema|raw``) or an official classification checkpoint (``checkpoint``), and trains with
+   ``mmdet.apis.train_detector``; the work dir lives in ``.overlock/state/finetune/<hash>/`` and a re-run
+   after a kill resumes from the latest complete checkpoint there;
+   ``finetune.mode: evaluate`` — loads a detector checkpoint (e.g. an official Mask R-CNN release);
+3. evaluates on val with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l), writes the DVC metrics, the loss
+   curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``)
+   through a staging dir, logs metrics/artifacts to MLflow and registers ``overlock-detector``.
+
+``finetune.launcher: pytorch`` runs the training under ``torchrun`` on every visible GPU
+(``python -m overlock.detection.finetune worker ...``), with rank 0 logging into the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+import overlock.compat  # noqa: F401  (mmcv/torch 2.x shims before anything imports mmcv)
+from overlock.compute import repo_root
+from overlock.detection.config import build_detection_config, coco_files
+from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
+from overlock.params import Params
+from overlock.state import read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
+from overlock.tracking import StageRun, attach_run, write_metrics_file
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_finetune", "resume_key", "check_inputs", "read_classes", "latest_checkpoint", "init_backbone", "evaluate_detector",
+           "COCO_METRICS", "REGISTERED_NAME"]
+
+STATE_SECTIONS = ("data", "model", "finetune", "compute")
+REGISTERED_NAME = "overlock-detector"
+COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def _file_digest(path: Path) -> str:
+    h = hashlib.md5()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _init_source(params: Params, classifier: Path) -> Path | None:
+    ft = params.finetune
+    if ft.mode == "evaluate" or ft.init == "checkpoint":
+        return Path(ft.checkpoint) if ft.checkpoint else None
+    if ft.init in ("ema", "raw"):
+        return Path(classifier) / "final.pth"
+    return None
+
+
+def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, tuple[str, str]]:
+    """Fail early, naming the missing piece and the fix; returns the COCO split files."""
+    ft = params.finetune
+    files = coco_files(Path(data))
+    for split in ("train", "val"):
+        ann, img = files[split]
+        if not Path(ann).is_file() or not Path(img).is_dir():
+            raise FileNotFoundError(
+                f"detection {split} split missing ({ann} / {img}): run the extract stage first "
+                f"(`dvc repro extract`) with data.detection_dataset set (now {params.data.detection_dataset!r})")
+    if (ft.mode == "evaluate" or ft.init == "checkpoint") and not ft.checkpoint:
+        raise ValueError(f"finetune.{'mode=evaluate' if ft.mode == 'evaluate' else 'init=checkpoint'} needs "
+                         "finetune.checkpoint: the path of the checkpoint file")
+    source = _init_source(params, classifier)
+    if source is not None and not source.is_file():
+        hint = ("run the pretrain stage first (`dvc repro pretrain`) or set finetune.init=none"
+                if ft.init in ("ema", "raw") and ft.mode == "train" else "check finetune.checkpoint")
+        raise FileNotFoundError(f"checkpoint {source} not found: {hint}")
+    return files
+
+
+def _state_dir(params: Params, data: Path, classifier: Path) -> Path:
+    files = coco_files(Path(data))
+    extra = [_file_digest(Path(files[s][0])) for s in ("train", "val") if Path(files[s][0]).is_file()]
+    source = _init_source(params, classifier)
+    if source is not None and source.is_file():
+        extra.append(_file_digest(source))
+    return stage_state_dir("finetune", params, STATE_SECTIONS, extra="|".join(extra))
+
+
+def resume_key(params: Params, **paths: Path) -> str:
+    """Key of this configuration (params + input data + init checkpoint): a re-run resumes its MLflow run."""
+    return _state_dir(params, paths["data"], paths["classifier"]).name
+
+
+def read_classes(ann_file: str) -> list[str]:
+    """Category names of a COCO annotation file, in category-id order (the model's class order)."""
+    cats = sorted(json.loads(Path(ann_file).read_text())["categories"], key=lambda c: c["id"])
+    if not cats:
+        raise ValueError(f"{ann_file} has no categories: the detection dataset is empty or corrupt")
+    return [c["name"] for c in cats]
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _is_complete(path: Path) -> bool:
+    """A torch zip checkpoint cut by a kill has no central directory: not a valid zip."""
+    try:
+        return path.is_file() and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete ``iter_*.pth``/``epoch_*.pth`` in ``work_dir`` (None when there is none)."""
+    found = []
+    for p in Path(work_dir).glob("*.pth"):
+        stem = p.stem
+        if p.is_symlink() or not (stem.startswith("iter_") or stem.startswith("epoch_")):
+            continue
+        try:
+            found.append((int(stem.split("_")[-1]), p))
+        except ValueError:
+            continue
+    for _, p in sorted(found, reverse=True):
+        if _is_complete(p):
+            return p
+        log.warning("skipping incomplete checkpoint %s (cut by a kill)", p)
+    return None
+
+
+def init_backbone(model, params: Params, classifier: Path) -> dict:
+    """Load the backbone weights chosen by ``finetune.init``; classifier-only keys are dropped.
+
+    Returns a summary (source, entry, loaded/missing key counts) that is logged to MLflow.
+    """
+    ft = params.finetune
+    if ft.init == "none":
+        return {"init": "none"}
+    from overlock.models.checkpoint import load_official_checkpoint
+
+    source = _init_source(params, classifier)
+    key = None
+    if ft.init in ("ema", "raw"):
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        key = "state_dict_ema" if ft.init == "ema" and ckpt.get("state_dict_ema") else "state_dict"
+        if ft.init == "ema" and key != "state_dict_ema":
+            log.warning("%s has no EMA weights: initialising from the raw weights", source)
+    else:
+        ckpt = str(source)  # official file: loaded with weights_only=True by the model's loader
+    report = load_official_checkpoint(model.backbone, ckpt, state_dict_key=key, strict=False)
+    if not report.loaded_keys:
+        raise ValueError(f"no backbone weight of {source} matches the detector's backbone "
+                         f"({type(model.backbone).__name__}): check model.arch/model.size/model.overrides")
+    return {"init": ft.init, "init_source": str(source), "init_entry": report.source_key or "bare",
+            "init_loaded": len(report.loaded_keys), "init_missing": len(report.missing_keys),
+            "init_dropped": len(report.dropped_keys)}
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate_detector(model, cfg, distributed: bool = False) -> dict[str, float]:
+    """COCO evaluation (pycocotools through mmdet's CocoDataset.evaluate) of ``model`` on ``cfg.data.test``."""
+    from mmcv.parallel import MMDataParallel, MMDistributedDataParallel
+    from mmcv.runner import get_dist_info
+    from mmdet.apis import multi_gpu_test, single_gpu_test
+    from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
+
+    cfg.data.test.test_mode = True
+    cfg.data.test.pipeline = replace_ImageToTensor(cfg.data.test.pipeline)
+    dataset = build_dataset(cfg.data.test)
+    loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=cfg.data.workers_per_gpu,
+                              dist=distributed, shuffle=False)
+    model.CLASSES = dataset.CLASSES
+    if distributed:
+        wrapped = MMDistributedDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()],
+                                            broadcast_buffers=False)
+        results = multi_gpu_test(wrapped, loader, gpu_collect=True)
+    else:
+        wrapped = MMDataParallel(model.cuda(), device_ids=[0]) if cfg.device == "cuda" else MMDataParallel(model)
+        results = single_gpu_test(wrapped, loader)
+    if get_dist_info()[0] != 0:
+        return {}
+    metrics = [m for m in ("bbox", "segm") if m in cfg.evaluation.metric]
+    raw = dataset.evaluate(results, metric=metrics, classwise=True)  # per-class AP table in the log
+    if not any(f"{m}_mAP" in raw for m in metrics):  # mmdet skips the metrics when nothing was detected
+        log.warning("no detections on the validation split: every AP is 0")
+    out = {f"{m}_{k}": float(raw.get(f"{m}_{k}", 0.0)) for m in metrics for k in COCO_METRICS}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+def _register_backbones(params: Params) -> None:
+    """Import the model modules so ``model.arch``/``model.size``'s dense backbone is in mmdet's BACKBONES."""
+    import importlib
+
+    from mmdet.models import BACKBONES
+
+    from overlock.registry import import_model_modules, resolve_model
+
+    spec = resolve_model(params.model.arch, params.model.size)
+    import_model_modules(spec)
+    for module in ("overlock.detection.backbone", "overlock.detection.baseline_backbones"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    if BACKBONES.get(spec.mmdet_backbone) is None:
+        raise KeyError(f"backbone {spec.mmdet_backbone!r} (model.arch={params.model.arch!r}) is not registered in "
+                       f"MMDetection's BACKBONES; registered: {', '.join(sorted(BACKBONES.module_dict))}")
+
+
+def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, distributed: bool) -> dict:
+    """Build, initialise, (resume,) train and evaluate; returns the metrics (rank 0) and the model info."""
+    from mmcv.runner import get_dist_info
+    from mmdet.apis import train_detector
+    from mmdet.datasets import build_dataset
+    from mmdet.models import build_detector
+
+    from overlock.compat import trusted_checkpoint_dir
+
+    _register_backbones(params)
+
+    work_dir = Path(cfg.work_dir)
+    model = build_detector(cfg.model)
+    model.init_weights()
+    info = init_backbone(model, params, classifier)
+    resume = latest_checkpoint(work_dir)
+    cfg.resume_from = str(resume) if resume else None
+    info["resumed_from_iter"] = _checkpoint_iter(resume)
+    cfg.custom_hooks = list(cfg.get("custom_hooks", [])) + [dict(
+        type="MlflowLossHook", tracking_uri=run_uri, run_id=run_id, history_file=str(work_dir / LOSS_HISTORY),
+        priority="LOW")]
+    dataset = build_dataset(cfg.data.train)
+    model.CLASSES = dataset.CLASSES
+    with trusted_checkpoint_dir(work_dir):
+        train_detector(model, [dataset], cfg, distributed=distributed, validate=params.finetune.schedule != "demo",
+                       meta=dict(config=cfg.pretty_text, seed=params.seed, CLASSES=dataset.CLASSES))
+    metrics = evaluate_detector(model, cfg, distributed)
+    if get_dist_info()[0] == 0:
+        from mmcv.runner import save_checkpoint
+        save_checkpoint(model, str(work_dir / "final_detector.pth"),
+                        meta=dict(CLASSES=tuple(dataset.CLASSES), config=cfg.pretty_text,
+                                  iter=int(cfg.runner.get("max_iters") or 0)))
+        info["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        write_json_atomic(work_dir / "result.json", {"metrics": metrics, "info": info})
+    return {"metrics": metrics, "info": info}
+
+
+def _checkpoint_iter(path: Path | None) -> int:
+    return int(path.stem.split("_")[-1]) if path else 0
+
+
+def _evaluate_only(params: Params, cfg) -> dict:
+    """``finetune.mode: evaluate``: load a detector checkpoint (official release or ours) and evaluate."""
+    from mmcv.runner import load_checkpoint, save_checkpoint
+    from mmdet.models import build_detector
+
+    _register_backbones(params)
+    model = build_detector(cfg.model)
+    ckpt = load_checkpoint(model, params.finetune.checkpoint, map_location="cpu", strict=False)
+    metrics = evaluate_detector(model, cfg)
+    work_dir = Path(cfg.work_dir)
+    save_checkpoint(model, str(work_dir / "final_detector.pth"),
+                    meta=dict(CLASSES=tuple(model.CLASSES), config=cfg.pretty_text, source=params.finetune.checkpoint))
+    info = {"init": "checkpoint", "init_source": params.finetune.checkpoint,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "checkpoint_meta_keys": sorted(map(str, (ckpt or {}).get("meta", {}) or {}))}
+    write_json_atomic(work_dir / "result.json", {"metrics": metrics, "info": info})
+    return {"metrics": metrics, "info": info}
+
+
+def _launch_torchrun(params_file: Path, run: StageRun, data: Path, classifier: Path, work_dir: Path) -> None:
+    nproc = int(os.environ.get("OVERLOCK_NPROC", torch.cuda.device_count()))
+    if nproc < 1:
+        raise RuntimeError("finetune.launcher=pytorch needs CUDA GPUs (none visible); use finetune.launcher=none "
+                           "to train on one GPU or the CPU")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
+           "overlock.detection.finetune", "worker", "--params-json", str(params_file), "--data", str(data),
+           "--classifier", str(classifier), "--work-dir", str(work_dir), "--run-uri", run.uri,
+           "--run-id", run.run_id]
+    log.info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=repo_root())
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _write_plots(history: list[dict], plots: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = ["iter,loss"] + [f"{r['iter']},{r['loss']:.6g}" for r in history if "loss" in r]
+    (plots / "loss.csv").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    terms = sorted({k for r in history for k in r if k.startswith("loss")})
+    for k in terms:
+        pts = [(r["iter"], r[k]) for r in history if k in r]
+        ax.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("finetune: training losses")
+    if terms:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no training (finetune.mode=evaluate)", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(plots / "loss.png", dpi=100)
+    plt.close(fig)
+    return plots / "loss.png"
+
+
+def _clean_config(cfg):
+    """The config without the run-specific MLflow hook (what downstream stages rebuild the detector from)."""
+    from mmcv import Config
+
+    raw = cfg._cfg_dict.to_dict()
+    raw["custom_hooks"] = [h for h in raw.get("custom_hooks", []) if h.get("type") != "MlflowLossHook"]
+    raw["resume_from"] = None
+    return Config(raw)
+
+
+def _publish(params: Params, run: StageRun, cfg, work_dir: Path, result: dict, out: Path, metrics: Path,
+             plots: Path) -> None:
+    """Write the outs through a staging dir, the DVC metrics and plots, and log everything to MLflow."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy2(work_dir / "final_detector.pth", staging / "detector.pth")
+    _clean_config(cfg).dump(str(staging / "config.py"))
+    summary = {**result["metrics"], **{k: v for k, v in result["info"].items() if isinstance(v, (int, float))}}
+    write_json_atomic(staging / "metrics.json", {**summary, "info": result["info"]})
+    replace_dir_atomic(staging, out)
+
+    history = read_loss_history(work_dir / LOSS_HISTORY)
+    png = _write_plots(history, Path(plots))
+    write_metrics_file(metrics, summary)
+
+    run.log_summary({k: v for k, v in summary.items()})
+    run.set_tags({f"finetune.{k}": v for k, v in result["info"].items() if not isinstance(v, (int, float))})
+    run.log_artifact(png, "plots")
+    run.log_artifacts(out, "detector")
+    last = latest_checkpoint(work_dir)
+    if last is not None:
+        run.log_artifact(last, "checkpoints/last")
+    for best in sorted(work_dir.glob("best_*.pth")):
+        run.log_artifact(best, "checkpoints/best")
+    if params.tracking.register_models:
+        version = run.register_artifacts("detector", REGISTERED_NAME)
+        log.info("registered %s version %s", REGISTERED_NAME, version)
+
+
+# ---------------------------------------------------------------------------------------- entry points
+def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, out: Path, metrics: Path,
+                 plots: Path) -> dict:
+    """The finetune stage (see the module docstring); returns the metrics written to ``metrics``."""
+    from overlock.compute import select_device
+
+    ft = params.finetune
+    files = check_inputs(params, Path(data), Path(classifier))
+    classes = read_classes(files["train"][0])
+    work_dir = _state_dir(params, Path(data), Path(classifier))
+    device = select_device(params.compute).type
+    world = torch.cuda.device_count() if ft.launcher == "pytorch" else 1
+    cfg = build_detection_config(params, Path(data), work_dir, classes, device=device, world_size=max(world, 1))
+    run.log_params({"finetune.config_file": str(Path(cfg.filename).name), "finetune.work_dir": str(work_dir)})
+    run.log_text(_clean_config(cfg).pretty_text, "config.py")
+    (work_dir / "result.json").unlink(missing_ok=True)
+
+    if ft.mode == "evaluate":
+        result = _evaluate_only(params, cfg)
+    elif ft.launcher == "pytorch":
+        params_file = work_dir / "params.json"
+        write_json_atomic(params_file, params.model_dump(mode="json"))
+        _launch_torchrun(params_file, run, Path(data), Path(classifier), work_dir)
+        result = read_json(work_dir / "result.json")
+        if result is None:
+            raise RuntimeError(f"the torchrun workers finished without writing {work_dir / 'result.json'}")
+    else:
+        result = _train(params, cfg, Path(classifier), run.uri, run.run_id, distributed=False)
+    _publish(params, run, cfg, work_dir, result, Path(out), Path(metrics), Path(plots))
+    return result["metrics"]
+
+
+def _worker(argv: list[str]) -> int:
+    """torchrun worker: initialise the process group, train on this rank's GPU, rank 0 logs to MLflow."""
+    from mmcv.runner import init_dist
+
+    from overlock.params import parse_params
+
+    parser = argparse.ArgumentParser(prog="python -m overlock.detection.finetune worker")
+    for name in ("params-json", "data", "classifier", "work-dir", "run-uri", "run-id"):
+        parser.add_argument(f"--{name}", required=True)
+    args = parser.parse_args(argv)
+    params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_dist("pytorch", backend=backend)
+    files = coco_files(Path(args.data))
+    cfg = build_detection_config(params, Path(args.data), Path(args.work_dir), read_classes(files["train"][0]),
+                                 device="cuda", world_size=torch.distributed.get_world_size())
+    attach_run(args.run_uri, args.run_id)  # fail fast when the store is unreachable from this worker
+    _train(params, cfg, Path(args.classifier), args.run_uri, args.run_id, distributed=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        sys.exit(_worker(sys.argv[2:]))
+    sys.exit("usage: python -m overlock.detection.finetune worker --params-json ... (started by the "
+             "finetune stage with finetune.launcher=pytorch; run the stage with `python -m stages.finetune`)")

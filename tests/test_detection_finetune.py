@@ -1,0 +1,273 @@
+"""The finetune stage end to end on a tiny demo COCO set: init from the pretrain output, train on CPU,
+SIGKILL + resume, pycocotools bbox/segm AP in the DVC metrics file and in MLflow, outputs, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("mmdet")
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [16, 32, 64, 96], "kernel_size": [7, 7, 7, 7]}
+MAX_ITERS = 20
+CKPT_EVERY = 5
+
+
+def write_demo_detection_layout(data_dir: Path, n_train: int = 12, n_val: int = 4, size: int = 96,
+                                seed: int = 0, calibration: int = 2) -> Path:
+    """The extract stage's detection layout from the demo generator (images, annotations, splits)."""
+    from overlock.data.demo import demo_coco_split
+
+    root = data_dir / "detection"
+    for split, n, key, first in (("train2017", n_train, 0, 1), ("val2017", n_val, 1, 100000)):
+        images, coco = demo_coco_split(n, size, seed, key, first_id=first)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name, data in images:
+            (root / split / name).write_bytes(data)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        if split == "train2017":
+            (root / "splits").mkdir(exist_ok=True)
+            held = {im["id"] for im in coco["images"][:calibration]}
+            for name, keep in (("calibration", lambda i: i in held), ("train", lambda i: i not in held)):
+                sub = {**coco, "images": [im for im in coco["images"] if keep(im["id"])],
+                       "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
+                (root / "splits" / f"{name}.json").write_text(json.dumps(sub))
+    return root
+
+
+def write_pretrain_output(out: Path, overrides: dict, seed: int = 1) -> dict:
+    """A real ``final.pth`` of a freshly built classifier with known (distinct raw / EMA) weights."""
+    import timm
+
+    import overlock.models  # noqa: F401
+
+    torch.manual_seed(seed)
+    model = timm.create_model("overlock_xt", num_classes=10, **overrides)
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in raw.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": raw, "state_dict_ema": ema, "arch": "overlock", "size": "xt", "model_kwargs": overrides,
+                "num_classes": 10, "classes": [f"c{i}" for i in range(10)], "epoch": 1, "metrics": {}},
+               out / "final.pth")
+    return {"state_dict": raw, "state_dict_ema": ema}
+
+
+def _params(store: str, **finetune) -> dict:
+    return {"seed": 0, "model": {"arch": "overlock", "size": "xt", "overrides": TINY},
+            "finetune": {"max_iters": MAX_ITERS, "checkpoint_interval": CKPT_EVERY, "img_scale": [96, 96],
+                         "lr": 0.0005, **finetune},
+            "tracking": {"uri": store, "experiment": "finetune-test"}, "compute": {"threads": 1}}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A repo root (params.yaml, dvc.yaml) with demo detection data and a pretrain output."""
+    root = tmp_path_factory.mktemp("ftrepo")
+    (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    write_demo_detection_layout(root / "data" / "datasets")
+    weights = write_pretrain_output(root / "models" / "classifier", TINY)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    (root / "params.yaml").write_text(yaml.safe_dump(_params(store)))
+    return {"root": root, "weights": weights, "store": store}
+
+
+def _stage_cmd(root: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.finetune", "--params", str(root / "params.yaml"),
+            "--data", str(root / "data/datasets"), "--classifier", str(root / "models/classifier"),
+            "--out", str(root / "models/detector"), "--metrics", str(root / "metrics/finetune.json"),
+            "--plots", str(root / "plots/finetune")]
+
+
+def _env(root: Path) -> dict:
+    return {**os.environ, "OVERLOCK_REPO": str(root), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(workspace):
+    """Run the real stage, SIGKILL it after the first checkpoint, then re-run it to the end."""
+    root = workspace["root"]
+    state = root / ".overlock" / "state" / "finetune"
+    log1 = (root / "run1.log").open("w")
+    proc = subprocess.Popen(_stage_cmd(root), cwd=REPO, env=_env(root), stdout=log1, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(state.glob(f"*/iter_{CKPT_EVERY}.pth")):
+        time.sleep(0.2)
+    assert proc.poll() is None, (root / "run1.log").read_text()[-3000:]
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = {"out_exists": (root / "models/detector").exists(),
+              "metrics_exists": (root / "metrics/finetune.json").exists()}
+    second = subprocess.run(_stage_cmd(root), cwd=REPO, env=_env(root), capture_output=True, text=True,
+                            timeout=400)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    return {**workspace, "killed": killed, "log": second.stderr}
+
+
+def _child_run(store: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("finetune-test")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`overlock.stage` = 'finetune'")
+    return client, runs
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_last_checkpoint(killed_and_resumed):
+    root = killed_and_resumed["root"]
+    assert not killed_and_resumed["killed"]["out_exists"], "a killed run must not leave outputs"
+    result = json.loads((root / "models/detector/metrics.json").read_text())
+    assert CKPT_EVERY <= result["info"]["resumed_from_iter"] < MAX_ITERS
+    # the loss curve has every iteration once, in order
+    rows = (root / "plots/finetune/loss.csv").read_text().split()
+    assert rows[0] == "iter,loss"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, MAX_ITERS + 1))
+    # the same MLflow run was resumed and no metric step is lost or duplicated
+    client, runs = _child_run(killed_and_resumed["store"])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, MAX_ITERS + 1))
+    assert "resume" in killed_and_resumed["log"].lower()
+
+
+@pytest.mark.slow
+def test_coco_metrics_in_dvc_file_and_mlflow(killed_and_resumed):
+    root = killed_and_resumed["root"]
+    metrics = json.loads((root / "metrics/finetune.json").read_text())
+    for kind in ("bbox", "segm"):
+        for key in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"):
+            value = metrics[f"{kind}_{key}"]
+            assert -1.0 <= value <= 1.0  # pycocotools reports -1 for an empty size range
+    assert metrics["bbox_mAP_50"] >= metrics["bbox_mAP"]
+    client, runs = _child_run(killed_and_resumed["store"])
+    logged = runs[0].data.metrics
+    assert logged["bbox_mAP"] == pytest.approx(metrics["bbox_mAP"]) and "segm_mAP_50" in logged
+    assert "train/lr" in logged and "train/loss_mask" in logged
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "detector")}
+    assert {"detector/detector.pth", "detector/config.py"} <= artifacts
+    versions = client.search_model_versions("name='overlock-detector'")
+    assert versions and versions[0].run_id == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_detector_outputs_are_loadable(killed_and_resumed):
+    from mmcv import Config
+
+    root = killed_and_resumed["root"]
+    ckpt = torch.load(root / "models/detector/detector.pth", map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["CLASSES"] == ("circle", "rectangle", "triangle")
+    assert any(k.startswith("backbone.") for k in ckpt["state_dict"])
+    cfg = Config.fromfile(str(root / "models/detector/config.py"))
+    assert cfg.model.roi_head.bbox_head.num_classes == 3 and cfg.model.neck.in_channels == [16, 32, 88, 120]
+    assert all(h["type"] != "MlflowLossHook" for h in cfg.get("custom_hooks", []))
+
+
+@pytest.mark.parametrize("init,entry", [("ema", "state_dict_ema"), ("raw", "state_dict")])
+def test_backbone_starts_from_pretrain_output(workspace, init, entry):
+    from mmdet.models import build_detector
+
+    from overlock.detection.config import build_detection_config
+    from overlock.detection.finetune import _register_backbones, init_backbone
+    from overlock.params import parse_params
+
+    root = workspace["root"]
+    params = parse_params(_params(workspace["store"], init=init))
+    _register_backbones(params)
+    cfg = build_detection_config(params, root / "data/datasets", root / "wd", ["a", "b", "c"])
+    model = build_detector(cfg.model)
+    model.init_weights()
+    info = init_backbone(model, params, root / "models/classifier")
+    assert info["init_entry"] == entry
+    expected = workspace["weights"][entry]
+    backbone = model.backbone.state_dict()
+    shared = [k for k in backbone if k in expected]
+    assert len(shared) == info["init_loaded"] and len(shared) > 50
+    for k in shared:
+        torch.testing.assert_close(backbone[k], expected[k], msg=k)
+    # classifier-only keys are not in the detector; dense-only layers keep their fresh init
+    assert not any(k.startswith(("head.", "aux_head.")) for k in backbone)
+    assert any(k.startswith("extra_norm.") for k in backbone) and not any(k.startswith("extra_norm.") for k in expected)
+
+
+def test_missing_inputs_fail_clearly_without_outputs(workspace, tmp_path):
+    from overlock.detection.finetune import run_finetune
+    from overlock.params import parse_params
+
+    root = workspace["root"]
+    params = parse_params(_params(workspace["store"]))
+    out = tmp_path / "detector"
+    with pytest.raises(FileNotFoundError, match="extract"):
+        run_finetune(params, None, tmp_path / "nodata", root / "models/classifier", out, tmp_path / "m.json",
+                     tmp_path / "plots")
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        run_finetune(params, None, root / "data/datasets", tmp_path / "noclassifier", out, tmp_path / "m.json",
+                     tmp_path / "plots")
+    bad = parse_params(_params(workspace["store"], init="checkpoint"))
+    with pytest.raises(ValueError, match="finetune.checkpoint"):
+        run_finetune(bad, None, root / "data/datasets", root / "models/classifier", out, tmp_path / "m.json",
+                     tmp_path / "plots")
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_mode_reproduces_the_trained_metrics(killed_and_resumed, tmp_path, monkeypatch):
+    """``finetune.mode: evaluate`` on our own detector.pth (a foreign file: loaded weights_only) gives its AP."""
+    from overlock.detection.finetune import run_finetune
+    from overlock.params import parse_params
+    from overlock.tracking import stage_run
+
+    root = killed_and_resumed["root"]
+    params = parse_params(_params(killed_and_resumed["store"], mode="evaluate",
+                                  checkpoint=str(root / "models/detector/detector.pth")))
+    params.tracking.register_models = False
+    monkeypatch.setenv("OVERLOCK_REPO", str(root))
+    with stage_run("finetune", params) as run:
+        metrics = run_finetune(params, run, root / "data/datasets", root / "models/classifier",
+                               tmp_path / "detector", tmp_path / "metrics.json", tmp_path / "plots")
+    trained = json.loads((root / "metrics/finetune.json").read_text())
+    for key in ("bbox_mAP", "bbox_mAP_50", "segm_mAP"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-3)
+    assert (tmp_path / "detector/detector.pth").exists()
+
+
+def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
+    """Official release layout: ``backbone.`` + the dense backbone's keys (tests/fixtures), neck and heads."""
+    from mmcv import Config
+    from mmcv.runner import load_checkpoint
+    from mmdet.models import build_detector
+
+    from overlock.detection.config import config_file
+    from overlock.detection.finetune import _register_backbones
+    from overlock.params import parse_params
+
+    fixture = REPO / "tests/fixtures/official_state_dicts.json"
+    if not fixture.exists():
+        pytest.skip("tests/fixtures/official_state_dicts.json not copied yet")
+    official = json.loads(fixture.read_text())["overlock_t_dense"]
+    _register_backbones(parse_params({"model": {"size": "t"}}))
+    model = build_detector(Config.fromfile(str(config_file("mask_rcnn", "1x", "t"))).model)
+    ours = model.state_dict()
+    backbone = {k[len("backbone."):]: tuple(v.shape) for k, v in ours.items() if k.startswith("backbone.")}
+    assert backbone == {k: tuple(v) for k, v in official.items()}
+    # an official-format file (plain tensors + primitive meta) loads through mmcv with weights_only kept on
+    torch.manual_seed(0)
+    state = {f"backbone.{k}": torch.randn(v) if len(v) else torch.tensor(3) for k, v in official.items()}
+    state.update({k: torch.randn_like(v.float()).to(v.dtype) for k, v in ours.items() if not k.startswith("backbone.")})
+    path = tmp_path / "maskrcnn1x_overlock_tiny_coco.pth"
+    torch.save({"meta": {"CLASSES": tuple(f"c{i}" for i in range(80)), "mmcv_version": "1.7.2"},
+                "state_dict": state}, path)
+    load_checkpoint(model, str(path), map_location="cpu", strict=True)
+    key = "backbone.patch_embed1.0.weight"
+    torch.testing.assert_close(model.state_dict()[key], state[key])
