@@ -92,9 +92,9 @@ class ModelParams(_Section):
 class PretrainParams(_Section):
     """ImageNet-style pretraining with Ray Train (official recipe defaults where they apply)."""
     recipe: Literal["demo", "official"] = "demo"
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1, description="per worker")
-    lr: float | None = Field(None, gt=0, description="None: 1e-3 * global batch / 1024 (official rule)")
+    lr: float | None = Field(2e-3, gt=0, description="None: 1e-3 * global batch / 1024 (official rule)")
     lr_base: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1, ge=0)
@@ -102,7 +102,7 @@ class PretrainParams(_Section):
     min_lr: float = Field(1e-5, ge=0)
     cooldown_epochs: int = Field(0, ge=0)
     aux_loss_ratio: float = Field(0.4, ge=0)
-    ema_decay: float | None = Field(0.99, gt=0, lt=1)
+    ema_decay: float | None = Field(0.9, gt=0, lt=1)
     clip_grad: float | None = Field(5.0, gt=0)
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)

@@ -1,0 +1,259 @@
+"""The ``pretrain`` stage: Ray Train (``TorchTrainer``) classification pretraining of ``model.arch``.
+
+Runs the same from DVC (a local Ray runtime, or ``pretrain.ray_address`` / ``$RAY_ADDRESS``) and as a Ray
+job (``ray job submit --working-dir . -- python pipelines/pretrain.py ...``). Ray's storage lives under the
+stage state directory's hash (``<storage>/pretrain-<hash>``), outside DVC outs: a re-run after a kill finds
+the same Ray run and resumes from its latest checkpoint; Ray retries worker failures from the last
+checkpoint (``pretrain.max_failures``). The outputs are written at the end from the latest checkpoint,
+through a staging directory. On a multi-node cluster ``pretrain.storage_path`` and the MLflow store
+(``tracking.uri``: an absolute path on shared storage, or an ``mlflow server``) must be reachable from
+every node.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from overlock.compute import repo_root
+from overlock.params import Params
+from overlock.state import replace_dir_atomic, stage_state_dir
+from overlock.tracking import StageRun, write_metrics_file
+from overlock.training import checkpoints as ckpt
+from overlock.training import recipe
+from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
+
+log = logging.getLogger("overlock.pretrain")
+
+STAGE = "pretrain"
+PLOT_COLUMNS = ("epoch", "train_loss", "val_top1", "val_top1_ema", "val_top5", "lr")
+# pretrain params that change how the run is executed, not what it computes (excluded from the state hash)
+OPERATIONAL = ("storage_path", "ray_address", "max_failures", "checkpoints_to_keep", "log_every_steps",
+               "num_data_workers")
+# test-only hooks read from the environment of the stage process and passed to the workers
+TEST_ENV = {"OVERLOCK_TEST_PID_DIR": "test_pid_dir", "OVERLOCK_TEST_HOLD_S": "test_hold_s",
+            "OVERLOCK_TEST_POISON_STEP": "test_poison_step"}
+
+
+def data_fingerprint(data: Path) -> str:
+    """Cheap fingerprint of the classification data: classes.json, splits.json and file counts per folder."""
+    from overlock.data.datasets import classification_root
+    root = classification_root(data)
+    h = hashlib.sha256()
+    for name in ("classes.json", "splits.json"):
+        if (root / name).exists():
+            h.update((root / name).read_bytes())
+    for split in ("train", "val"):
+        if (root / split).is_dir():
+            for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
+                if entry.is_dir():
+                    h.update(f"{split}/{entry.name}:{sum(1 for _ in os.scandir(entry.path))}".encode())
+    return h.hexdigest()[:16]
+
+
+def _state_key(params: Params, data: Path) -> str:
+    eff = recipe.effective_params(params)
+    dump = eff.model_dump(mode="json")
+    pre = {k: v for k, v in dump["pretrain"].items() if k not in OPERATIONAL}
+    compute = {k: v for k, v in dump["compute"].items() if k != "threads"}
+    blob = json.dumps({"pretrain": pre, "compute": compute, "dataset": dump["data"]["dataset"],
+                       "calibration_per_class": dump["data"]["calibration_per_class"],
+                       "data": data_fingerprint(data)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def state_dir(params: Params, data: Path) -> Path:
+    """``.overlock/state/pretrain/<hash>``: the hash covers model, recipe, compute and the data."""
+    return stage_state_dir(STAGE, params, ("model",), extra=_state_key(params, data))
+
+
+def resume_key(params: Params, data: Path, out: Path, metrics: Path, plots: Path) -> str:
+    """The MLflow resume key: the state hash, so a re-run after a kill continues the same child run."""
+    return state_dir(params, data).name
+
+
+def storage_root(params: Params) -> Path:
+    """Absolute Ray storage path (``pretrain.storage_path`` or ``<repo>/.overlock/ray``)."""
+    path = Path(params.pretrain.storage_path) if params.pretrain.storage_path else repo_root() / ".overlock" / "ray"
+    return path.expanduser().resolve()
+
+
+def _check_compute(params: Params) -> None:
+    p = params.pretrain
+    if params.compute.precision == "fp16" and p.gpus_per_worker == 0:
+        raise ValueError("compute.precision=fp16 needs GPUs (pretrain.gpus_per_worker > 0); on CPU use bf16 or fp32")
+    if params.compute.device == "cuda" and p.gpus_per_worker == 0:
+        raise ValueError("compute.device=cuda but pretrain.gpus_per_worker=0: set pretrain.gpus_per_worker "
+                         "(e.g. 1) or compute.device=auto")
+
+
+def _init_ray(params: Params) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    address = params.pretrain.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def _trainer(params: Params, config: dict, storage: Path, name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    p = params.pretrain
+    use_gpu = p.gpus_per_worker > 0
+    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=p.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=p.max_failures)))
+
+
+def _write_plots(history: list[dict], plots: Path) -> None:
+    plots.mkdir(parents=True, exist_ok=True)
+    tmp = plots / ".epochs.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=PLOT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, plots / "epochs.csv")
+
+
+def _curves_png(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    for key in ("val_top1", "val_top1_ema", "val_top5"):
+        ax2.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="validation")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_metrics(state: dict) -> dict:
+    """DVC/MLflow summary: best and final top-1/top-5 (raw and EMA), epochs, throughput."""
+    hist = state["history"]
+    last = hist[-1]
+    return {"best_val_top1": max(h["val_top1"] for h in hist),
+            "best_val_top1_ema": max(h["val_top1_ema"] for h in hist),
+            "best_val_top5": max(h["val_top5"] for h in hist),
+            "best_epoch": state["best"]["epoch"],
+            "final_val_top1": last["val_top1"], "final_val_top5": last["val_top5"],
+            "final_val_top1_ema": last["val_top1_ema"], "final_val_top5_ema": last["val_top5_ema"],
+            "epochs": last["epoch"], "mean_img_per_sec": sum(h["img_per_sec"] for h in hist) / len(hist)}
+
+
+def _model_info(params: Params, state: dict, model) -> dict:
+    from overlock.registry import resolve_model
+    spec_name = resolve_model(params.model.arch, params.model.size).timm_name
+    cfg = recipe.data_config(model, params.pretrain.input_size)
+    meta = state["meta"]
+    return {"arch": meta["arch"], "size": meta["size"], "timm_name": spec_name, "model_kwargs": meta["model_kwargs"],
+            "num_classes": meta["num_classes"], "classes": meta["classes"], "input_size": list(cfg["input_size"]),
+            "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
+            "std": list(cfg["std"])}
+
+
+def _model_requirements() -> list[str]:
+    """Pinned requirements of the logged classifier (skips MLflow's slow inference by loading the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+    reqs = []
+    for dist in ("torch", "timm", "numpy"):
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def run_pretrain(params: Params, run: StageRun, data: Path, out: Path, metrics: Path, plots: Path) -> dict:
+    """Train the classifier with Ray Train and write ``out`` (final/best/model.json/history.json), metrics, plots."""
+    import ray
+    eff = recipe.effective_params(params)
+    _check_compute(eff)
+    data, out, metrics, plots = (Path(x).resolve() for x in (data, out, metrics, plots))
+    _, _, classes = load_datasets(data)  # fails here (not in the workers) when the data is missing
+    key_dir = state_dir(params, data)
+    storage, name = storage_root(params), f"{STAGE}-{key_dir.name}"
+    fatal_file = key_dir / "fatal_error.txt"
+    fatal_file.unlink(missing_ok=True)
+    p = eff.pretrain
+    run.set_tags({"overlock.ray_run": str(storage / name), "overlock.recipe": p.recipe})
+    run.log_params({"effective": {"pretrain": eff.pretrain.model_dump(mode="json"),
+                                  "precision": eff.compute.precision,
+                                  "lr": recipe.learning_rate(p, p.workers), "global_batch": p.batch_size * p.workers}})
+    config = {"params": eff.model_dump(mode="json"), "data": str(data), "num_classes": len(classes),
+              "mlflow_uri": run.uri, "mlflow_run_id": run.run_id, "fatal_file": str(fatal_file),
+              "tty": sys.stderr.isatty()}
+    config.update({v: os.environ[k] for k, v in TEST_ENV.items() if os.environ.get(k)})
+    if "test_poison_step" in config:
+        config["test_poison_step"] = int(config["test_poison_step"])
+    _init_ray(params)
+    log.info("Ray Train run %s (storage %s): %d workers, recipe %s, precision %s", name, storage, p.workers,
+             p.recipe, eff.compute.precision)
+    try:
+        result = _trainer(eff, config, storage, name).fit()
+    except ray.train.TrainingFailedError as err:
+        raise RuntimeError(f"pretraining failed after pretrain.max_failures={p.max_failures} retries: {err}; "
+                           f"the Ray run is {storage / name} (re-running the stage resumes it)") from err
+    if fatal_file.exists():
+        raise NonFiniteLossError(fatal_file.read_text())
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining finished without a checkpoint in {storage / name}; delete that "
+                           "directory and re-run the stage")
+    with result.checkpoint.as_directory() as d:
+        state = ckpt.load_training_state(Path(d))
+    return _write_outputs(eff, run, state, out, metrics, plots)
+
+
+def _write_outputs(params: Params, run: StageRun, state: dict, out: Path, metrics: Path, plots: Path) -> dict:
+    model = recipe.build_model(params, state["meta"]["num_classes"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        ckpt.write_classifier_outputs(state, _model_info(params, state, model), staging)
+        run.log_artifact(staging / "best.pth", "checkpoints")
+        run.log_artifact(staging / "final.pth", "checkpoints")
+        run.log_artifact(staging / "model.json", "checkpoints")
+        replace_dir_atomic(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = summary_metrics(state)
+    write_metrics_file(metrics, summary)
+    _write_plots(state["history"], plots)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "pretrain_curves.png"
+        _curves_png(state["history"], png)
+        run.log_artifact(png, "plots")
+    run.log_dict(state["history"], "history.json")
+    run.log_summary(summary)
+    size = params.pretrain.input_size
+    run.log_pytorch_model(model, "classifier",
+                          registered_name="overlock-classifier" if params.tracking.register_models else None,
+                          input_example=np.zeros((1, 3, size, size), dtype=np.float32),
+                          pip_requirements=_model_requirements())
+    log.info("pretrain done: best top-1 %.2f%% (EMA %.2f%%), final top-1 %.2f%% -> %s", summary["best_val_top1"],
+             summary["best_val_top1_ema"], summary["final_val_top1"], out)
+    return summary

@@ -1,0 +1,126 @@
+"""Shared pytest fixtures (append clearly named fixtures; do not remove others')."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the whole test session (2 CPUs, no dashboard). Yields its GCS address."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+# --- calibration/evaluation: a tiny trained classifier on demo-like data (tests/test_calibration*.py,
+# tests/test_evaluation*.py). Built once per session in a temporary repository root.
+import pytest as _pytest_calib_eval
+
+
+def _write_calib_eval_dataset(root, classes=("red", "green", "blue"), per_split=(16, 8, 8), size=32, seed=0):
+    """Contract layout data/datasets/classification: noisy colour blobs, partly ambiguous so not trivial."""
+    import json as _json
+
+    import numpy as _np
+    from PIL import Image as _Image
+
+    rng = _np.random.default_rng(seed)
+    cls_root = root / "classification"
+    calibration = []
+    for split, n in (("train", per_split[0] + per_split[1]), ("val", per_split[2])):
+        for k, name in enumerate(classes):
+            folder = cls_root / split / f"c{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = rng.uniform(0.25, 0.55, size=3)
+                base[k] += rng.uniform(0.05, 0.35)  # class signal, overlapping between classes
+                img = _np.clip(base[None, None, :] + rng.normal(0, 0.18, (size, size, 3)), 0, 1)
+                _Image.fromarray((img * 255).astype(_np.uint8)).save(folder / f"{split}_{i:03d}.png")
+                if split == "train" and i >= per_split[0]:
+                    calibration.append(f"train/c{k}/{split}_{i:03d}.png")  # relative to classification/
+    (cls_root / "classes.json").write_text(_json.dumps([{"id": f"c{k}", "name": n} for k, n in enumerate(classes)]))
+    (cls_root / "splits.json").write_text(_json.dumps({"calibration": calibration, "excluded": []}))
+    return cls_root
+
+
+def _train_calib_eval_classifier(data_dir, out, steps=60, overconfidence=4.0, size=32):
+    """Train timm's test_resnet a few steps, scale its last layer (over-confident), write the pretrain out."""
+    import json as _json
+
+    import timm
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from overlock.evaluation.classification import classification_split
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    cfg = {"input_size": (3, size, size), "crop_pct": 1.0, "interpolation": "bilinear",
+           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    train = classification_split(data_dir, "train", transform)
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    labels = torch.tensor([train[i][1] for i in range(len(train))])
+    ema = ModelEmaV3(model, decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (16,))
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        if step % 20 == 19:
+            history.append({"epoch": step // 20, "train_loss": float(loss.detach()), "val_top1": 0.5 + step / 400,
+                            "val_top1_ema": 0.45 + step / 400})
+    with torch.no_grad():  # an over-confident classifier: temperature scaling has a real effect
+        model.fc.weight.mul_(overconfidence)
+        model.fc.bias.mul_(overconfidence)
+        ema.module.fc.weight.mul_(overconfidence)
+        ema.module.fc.bias.mul_(overconfidence)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = _json.loads((data_dir / "classification/classes.json").read_text())
+    ckpt = {"state_dict": model.state_dict(), "state_dict_ema": ema.module.state_dict(), "arch": "test_resnet",
+            "size": "xt", "model_kwargs": {}, "num_classes": 3, "classes": classes, "epoch": 2,
+            "metrics": {"val_top1": 0.8}}
+    torch.save(ckpt, out / "final.pth")
+    (out / "model.json").write_text(_json.dumps({"arch": "test_resnet", "size": "xt", "timm_name": "test_resnet",
+                                                 "model_kwargs": {}, "num_classes": 3, "classes": classes, **cfg}))
+    (out / "history.json").write_text(_json.dumps(history))
+    return out
+
+
+@_pytest_calib_eval.fixture(scope="session")
+def calib_eval_workspace(tmp_path_factory):
+    """A repo root with demo-like classification data, a trained over-confident classifier and params.
+
+    Returns a dict: root, data, classifier, detector (empty), raw_params (detection_dataset none, tiny sizes).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("calib_eval")
+    data = root / "data/datasets"
+    _write_calib_eval_dataset(data)
+    classifier = _train_calib_eval_classifier(data, root / "models/classifier")
+    (root / "models/detector").mkdir(parents=True)
+    raw = {"data": {"detection_dataset": "none"},
+           "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
+           "compute": {"device": "cpu", "threads": 1},
+           "evaluate": {"throughput_batch": 4, "throughput_iters": 1, "erf_images": 2, "gradcam_images": 2,
+                        "detection_images": 1}}
+    (root / "params.yaml").write_text(__import__("yaml").safe_dump(raw))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return {"root": root, "data": data, "classifier": classifier, "detector": root / "models/detector",
+            "raw_params": raw}
+
+
+# --- data stages (tests/test_data_*.py): one MLflow sqlite store for the session (creating one costs seconds).
+@pytest.fixture(scope="session")
+def data_mlflow_db(tmp_path_factory):
+    """Path of a session-wide MLflow sqlite database for the data-stage tests (``tracking.uri`` sqlite:///...)."""
+    return tmp_path_factory.mktemp("data_mlflow") / "mlflow.db"
