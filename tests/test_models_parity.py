@@ -99,12 +99,6 @@ def test_train_mode_aux_logits_match_official(official, official_classifier):
     assert out["main"].shape == data["train_main"].shape
 
 
-FOCUS_NET_MISMATCH = (
-    "Focus-Net (ContMix block) outputs differ from the official fixture by ~1e-2 (dense_2/dense_3) although "
-    "module names, shapes and the Base/Overview-Net outputs match exactly; unresolved, see the models report")
-
-
-@pytest.mark.xfail(strict=True, reason=FOCUS_NET_MISMATCH)
 @pytest.mark.parametrize("level", [2, 3])
 def test_dense_focus_net_levels_match_official(official, official_dense, level):
     data = official[0]
@@ -113,7 +107,6 @@ def test_dense_focus_net_levels_match_official(official, official_dense, level):
     _close(levels[level], data[f"dense_{level}"])
 
 
-@pytest.mark.xfail(strict=True, reason=FOCUS_NET_MISMATCH)
 @pytest.mark.parametrize("which", ["eval_logits", "reparam_logits", "train_main"])
 def test_classifier_logits_match_official(official, official_classifier, which):
     data = official[0]
@@ -192,8 +185,30 @@ def test_dense_and_classifier_share_the_trunk():
     assert stage3.shape[1] == dense.pyramid_channels[2]
 
 
-def test_small_maps_are_resized_only_in_the_dense_backbone():
-    """Dense: maps below the kernel are up-sampled for ContMix (official detection code); classifier: not."""
-    blk_dense = OverLoCKBackbone(**TINY_B).sub_blocks4[0]
-    blk_cls = OverLoCK(**TINY_B).sub_blocks4[0]
-    assert blk_dense.resize_small_maps and not blk_cls.resize_small_maps
+def test_dense_stage3_runs_on_normalized_level1(official, official_dense):
+    """Official detection code: stage 3 consumes extra_norm[1](stage-2 output), not the raw features."""
+    data = official[0]
+    model = official_dense
+    with torch.no_grad():
+        x0, x1 = model.forward_pre_features(data["x"])
+        raw = model.extra_norm[2](model.forward_sub_features(*model.forward_base_features(x1))[0])
+    assert (raw - data["dense_2"]).abs().max().item() > 1e-4  # the raw path is measurably different
+
+
+def test_small_maps_are_resized_in_both_models():
+    """Maps below the kernel are up-sampled for ContMix in the classifier and the dense backbone (official);
+    ``resize_small_maps=False`` (zero-padded window) changes such maps only."""
+    torch.manual_seed(2)
+    cls = _randomize(OverLoCK(**TINY_B).double(), seed=4).eval()
+    assert OverLoCKBackbone(**TINY_B).sub_blocks4[0].resize_small_maps
+    blk = cls.sub_blocks4[0]
+    assert blk.resize_small_maps and blk.kernel_size == 7
+    for size, changes in (((3, 5), True), ((7, 9), False)):
+        x = torch.randn(2, blk.fusion[3].out_channels, *size, dtype=torch.float64)
+        ctx = torch.randn(2, blk.x_scale.weight.shape[0], *size, dtype=torch.float64)
+        with torch.no_grad():
+            resized = blk(x, ctx, ctx)[0]
+            blk.resize_small_maps = False
+            padded = blk(x, ctx, ctx)[0]
+            blk.resize_small_maps = True
+        assert ((resized - padded).abs().max().item() > 1e-6) == changes
