@@ -26,15 +26,20 @@ case "$name" in
     if [ "$gpu" = 1 ]; then export FORCE_CUDA=1; else export FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=""; fi
     ;;
   natten)
-    find "$src" -name CMakeLists.txt -exec sed -i 's/CXX_STD "17"/CXX_STD "20"/g; s/-std=c++17/-std=c++20/g' {} +                  
-    if [ "$gpu" = 1 ]; then export NATTEN_CUDA_ARCH="${NATTEN_CUDA_ARCH:-8.0}"; else export NATTEN_IS_BUILDING_DIST=0 CUDA_VISIBLE_DEVICES="" NATTEN_WITH_CUDA=0; fi
+    # torch >= 2.10 headers need C++20. natten's csrc/CMakeLists.txt also sets the standard through a cache
+    # variable (set(CXX_STD "17" CACHE ...) -> CMAKE_CXX_STANDARD, which appends -std=gnu++17 after the flags).
+    find "$src" -name CMakeLists.txt -exec sed -i 's/CMAKE_CXX_STANDARD 17/CMAKE_CXX_STANDARD 20/g; s/-std=c++17/-std=c++20/g; s/set(CXX_STD "17"/set(CXX_STD "20"/g' {} +
+    if grep -rqE 'CXX_STD "17"|std=c\+\+17' --include=CMakeLists.txt "$src"; then echo "[wheel-cache] natten: C++17 still set after patching" >&2; exit 1; fi
+    # setup.py reads NATTEN_IS_BUILDING_DIST with bool(os.getenv(...)): any value, "0" too, means "dist", which
+    # keeps CMake's build files out of the wheel but appends +torchXYZcpu to the version, so neither the cache
+    # check above nor setup.sh's natten-0.17.5-*.whl would find the wheel. Keep dist mode, drop the local tag.
+    sed -i 's/^    if not NATTEN_IS_BUILDING_DIST:$/    if True:  # overlock: plain version/' "$src/setup.py"
+    grep -q "if True:  # overlock: plain version" "$src/setup.py" || { echo "[wheel-cache] natten: setup.py version patch did not apply" >&2; exit 1; }
+    export NATTEN_IS_BUILDING_DIST=1
+    if [ "$gpu" = 1 ]; then export NATTEN_CUDA_ARCH="${NATTEN_CUDA_ARCH:-8.0}" NATTEN_WITH_CUDA=1; else export CUDA_VISIBLE_DEVICES="" NATTEN_WITH_CUDA=0; fi
     export NATTEN_N_WORKERS="${MAX_JOBS:-2}"
     ;;
 esac
 (cd "$src" && "$PYTHON" -m pip wheel --no-deps --no-build-isolation -w "$work/out" . )
-cp "$work"/out/*.whl "$cache/.tmp.whl" && mv "$cache/.tmp.whl" "$cache/$(basename "$work"/out/*.whl)"
-echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl)"
-exit
-##############################################################################################################################################################################################################################################################################################################################
 cp "$work"/out/*.whl "$cache/.tmp.whl" && mv "$cache/.tmp.whl" "$cache/$(basename "$work"/out/*.whl)"
 echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl)"

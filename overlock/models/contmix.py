@@ -45,7 +45,7 @@ IntPair = Union[int, Sequence[int]]
 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntPair, dilation: IntPair = 1, *,
             backend: str | None = None) -> torch.Tensor:
-    """Neighbourhood-weighted sum: attn [B, heads, H, W, Kh*Kw], value [B, heads, H, W, C] -> [B, heads, H, W, C].
+    """Neighbourhood sum: attn [B, heads, H, W, Kh*Kw], value [B, heads, H, W, C] -> [B, heads, H, W, C].
 
     ``kernel_size`` (odd) and ``dilation`` are ints or (rows, cols) pairs. ``backend`` overrides
     ``$OVERLOCK_CONTMIX_BACKEND``; see the module docstring for the names and the window rule.
@@ -54,9 +54,10 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntPair, dilat
     if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
         raise ValueError(f"kernel_size must be odd (natten 0.17 semantics), got {kernel}")
     if attn.dim() != 5 or value.dim() != 5:
-        raise ValueError(f"expected 5-D attn and value, got shapes {tuple(attn.shape)} and {tuple(value.shape)}")
+        raise ValueError(f"expected 5-D attn and value, got {tuple(attn.shape)} and {tuple(value.shape)}")
     if attn.shape[:4] != value.shape[:4] or attn.shape[4] != kernel[0] * kernel[1]:
-        raise ValueError(f"attn {tuple(attn.shape)} does not match value {tuple(value.shape)} with kernel {kernel}")
+        raise ValueError(f"attn {tuple(attn.shape)} does not match value {tuple(value.shape)}, "
+                         f"kernel {kernel}")
     name = _resolve_backend(backend, value, kernel)
     if attn.dtype != value.dtype:
         attn = attn.to(value.dtype)
@@ -78,7 +79,8 @@ def _resolve_backend(backend: str | None, value: torch.Tensor, kernel: tuple[int
     name = name.strip().lower()
     if name not in BACKENDS:
         source = "backend argument" if backend is not None else f"${BACKEND_ENV_VAR}"
-        raise ValueError(f"unknown ContMix backend {name!r} (from {source}); valid backends: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown ContMix backend {name!r} (from {source}); "
+                         f"valid backends: {', '.join(BACKENDS)}")
     if name == "natten":
         _natten_na2d_av()  # raises with the reason when natten cannot be used
     if name == "auto":
@@ -98,14 +100,16 @@ def _gather_av(attn, value, kernel, dilation):
 
 
 def _unfold_av(attn, value, kernel, dilation):
-    """Naive unfold: im2col of every valid window (no padding), picked per pixel by its clamped window start."""
+    """Naive unfold: im2col of every valid window (no padding), picked per pixel by its window start."""
     batch, heads, height, width, channels = value.shape
     n = batch * heads
     cols = F.unfold(value.reshape(n, height, width, channels).permute(0, 3, 1, 2), kernel, dilation=dilation)
     valid_w = width - (kernel[1] - 1) * dilation[1]
-    starts = _cached(("unfold", height, width, kernel, dilation), value.device, lambda: (
-        torch.tensor(_window_starts(height, kernel[0], dilation[0]), device=value.device)[:, None] * valid_w
-        + torch.tensor(_window_starts(width, kernel[1], dilation[1]), device=value.device)[None, :]).reshape(-1))
+    def build():
+        rows = torch.tensor(_window_starts(height, kernel[0], dilation[0]), device=value.device)
+        cols = torch.tensor(_window_starts(width, kernel[1], dilation[1]), device=value.device)
+        return (rows[:, None] * valid_w + cols[None, :]).reshape(-1)
+    starts = _cached(("unfold", height, width, kernel, dilation), value.device, build)
     windows = cols.view(n, channels, kernel[0] * kernel[1], -1)[..., starts]  # [N, C, K*K, HW]
     out = torch.einsum("npk,nckp->npc", attn.reshape(n, height * width, -1), windows)
     return out.reshape(batch, heads, height, width, channels)
@@ -154,7 +158,7 @@ def _pair(x: IntPair, name: str) -> tuple[int, int]:
 
 
 def _window_starts(length: int, kernel: int, dilation: int) -> list[int]:
-    """First position of each index's window along one axis (natten 0.17 rule; groups shorter than K start at 0)."""
+    """First position of each index's window along one axis (natten 0.17; short groups start at 0)."""
     starts = []
     for i in range(length):
         group, pos = i % dilation, i // dilation
@@ -216,7 +220,8 @@ def _tile_plan(height, width, kernel, dilation, tile, device, axis_tiles: Callab
     n_h, n_w = len(starts_h), len(starts_w)
     lh = torch.tensor(local_h, device=device).view(n_h, tile_h, kernel[0])
     lw = torch.tensor(local_w, device=device).view(n_w, tile_w, kernel[1])
-    idx_local = lh[:, None, :, None, :, None] * reg_w + lw[None, :, None, :, None, :]  # [nh, nw, th, tw, kh, kw]
+    # [nh, nw, th, tw, kh, kw]
+    idx_local = lh[:, None, :, None, :, None] * reg_w + lw[None, :, None, :, None, :]
     idx_local = idx_local.reshape(n_h * n_w, tile_h * tile_w, kernel[0] * kernel[1])
     whole = n_h == 1 and n_w == 1 and reg_h == height and reg_w == width
     if whole:
@@ -224,7 +229,8 @@ def _tile_plan(height, width, kernel, dilation, tile, device, axis_tiles: Callab
     else:
         rows = torch.tensor(starts_h, device=device)[:, None] + torch.arange(reg_h, device=device)
         cols = torch.tensor(starts_w, device=device)[:, None] + torch.arange(reg_w, device=device)
-        region_idx = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(n_h * n_w, reg_h * reg_w)
+        region_idx = (rows[:, None, :, None] * width + cols[None, :, None, :])
+        region_idx = region_idx.reshape(n_h * n_w, reg_h * reg_w)
     identity = (_is_identity(local_h[:height], kernel[0]) and _is_identity(local_w[:width], kernel[1]))
     padded_pixels = n_h * tile_h * n_w * tile_w
     save_dense = padded_pixels * reg_h * reg_w <= 1.25 * height * width * kernel[0] * kernel[1]
@@ -311,7 +317,8 @@ def _regions(value: torch.Tensor, region_idx: torch.Tensor, geom: _Geometry) -> 
     flat = value.reshape(n, -1, channels)
     if geom.whole:
         return flat.unsqueeze(1)
-    return flat.index_select(1, region_idx.reshape(-1)).view(n, region_idx.shape[0], region_idx.shape[1], channels)
+    regions = flat.index_select(1, region_idx.reshape(-1))
+    return regions.view(n, region_idx.shape[0], region_idx.shape[1], channels)
 
 
 class _TiledDenseAV(torch.autograd.Function):
@@ -380,7 +387,8 @@ def _natten_error() -> str | None:
 def _natten_na2d_av() -> Callable:
     error = _natten_error()
     if error is not None:
-        raise RuntimeError(f"ContMix backend 'natten' is unavailable: {error}. Install it with `make natten`, "
+        raise RuntimeError(f"ContMix backend 'natten' is unavailable: {error}. "
+                           f"Install it with `make natten`, "
                            f"or pick one of: {', '.join(b for b in BACKENDS if b != 'natten')}")
     return _NATTEN["na2d_av"]
 
@@ -395,7 +403,7 @@ def _import_natten() -> dict:
     except Exception:
         return {"error": "natten is not installed"}
     if not version.startswith("0.17."):
-        return {"error": f"natten {version} is installed, but the 0.17 API (natten.functional.na2d_av) is needed"}
+        return {"error": f"natten {version} is installed; the 0.17 API (natten.functional.na2d_av) is needed"}
     if not hasattr(torch.cuda, "_device_t"):
         torch.cuda._device_t = Union[torch.device, str, int, None]
     real_capability = torch.cuda.get_device_capability
