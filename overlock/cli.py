@@ -32,6 +32,9 @@ def stage_parser(stage: str, paths: dict[str, str]) -> argparse.ArgumentParser:
     """Parser of a stage: ``--params`` plus one option per path (with its help text)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=STAGES[stage])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--model-size", default=None,
+                        help="must equal model.size in the params file (dvc.yaml passes ${model.size}: DVC's run "
+                             "cache ignores params named 'size', so the command itself carries it)")
     for name, help_text in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
     return parser
@@ -58,6 +61,10 @@ def run_stage(stage: str, paths: dict[str, str], fn: str, argv: Sequence[str] | 
         params = load_params(args.params)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.model_size is not None and args.model_size != params.model.size:
+        print(f"error: --model-size {args.model_size!r} does not match model.size {params.model.size!r} in "
+              f"{args.params}; run the stage through `dvc repro` or pass the same value", file=sys.stderr)
         return 2
     configure(params.compute, params.seed)
     kwargs = {name: Path(getattr(args, name)) for name in paths}

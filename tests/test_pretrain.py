@@ -254,7 +254,11 @@ def ray_head(tmp_path):
     temp_dir = Path(f"/tmp/rj{os.getpid()}_{port}")
     head = subprocess.Popen([str(Path(PY).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--block"],
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--block",
+                             # own ports for every agent: the session's Ray runtime holds the defaults
+                             *(f"--{name}={_free_port()}" for name in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                 "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port"))],
                             env=env, stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
