@@ -233,3 +233,16 @@ def test_argument_errors():
         na2d_av(attn, value, 5)
     with pytest.raises(ValueError, match="positive"):
         na2d_av(attn, value, 3, dilation=0)
+
+
+@pytest.mark.parametrize("backend", ["fast", "gather"])
+def test_bf16_autocast_forward_backward(backend):
+    """Under CPU bf16 autocast (compute.precision=bf16) both operands run in bf16 and backward works."""
+    attn = torch.randn(2, 4, 9, 11, 25).softmax(-1).requires_grad_()
+    value = torch.randn(2, 4, 9, 11, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = na2d_av(attn, value, 5, backend=backend)
+    out.float().sum().backward()
+    ref = na2d_av(attn.detach().double(), value.detach().double(), 5, backend="gather")
+    assert out.dtype == torch.bfloat16 and value.grad.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=0.1, rtol=0.05)

@@ -59,6 +59,9 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntPair, dilat
         raise ValueError(f"attn {tuple(attn.shape)} does not match value {tuple(value.shape)}, "
                          f"kernel {kernel}")
     name = _resolve_backend(backend, value, kernel)
+    if torch.is_autocast_enabled(value.device.type):  # one dtype for both operands (custom backward)
+        dtype = torch.get_autocast_dtype(value.device.type)
+        attn, value = attn.to(dtype), value.to(dtype)
     if attn.dtype != value.dtype:
         attn = attn.to(value.dtype)
     height, width = value.shape[2], value.shape[3]

@@ -16,7 +16,9 @@ for channels_last). ``depthwise_conv2d`` computes exactly the same function with
 Every formulation is a re-ordering of the same sums: float64 results equal PyTorch's to round-off
 (``tests/test_fast_conv.py`` checks 1e-6 in float64 and fp32 to ~1e-5 relative). Only stride 1,
 ``groups == channels`` and symmetric zero padding are handled (what the model uses); ``use_fast_depthwise``
-tells whether a call qualifies. Off CPU the plain ``F.conv2d`` is used.
+tells whether a call qualifies. Off CPU the plain ``F.conv2d`` is used. Under CPU autocast,
+``depthwise_forward`` runs these convolutions in the weights' dtype (fp32): PyTorch's bf16 depth-wise
+kernels are slower than its fp32 ones on CPU (measured in ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -25,10 +27,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["depthwise_conv2d", "depthwise_forward", "use_fast_depthwise", "DWCONV_ENV_VAR", "MIN_FAST_KERNEL"]
+__all__ = ["depthwise_conv2d", "depthwise_forward", "use_fast_depthwise", "DWCONV_ENV_VAR", "MIN_FAST_KERNEL",
+           "MIN_FAST_KERNEL_CHANNELS_LAST"]
 
 # Kernels at least this large (after dilation) take the fast path; 3x3 layers stay with PyTorch.
 MIN_FAST_KERNEL = 5
+# For channels_last inputs PyTorch's own (oneDNN) path is competitive up to ~9x9 (and for the dilated
+# branches): only kernels of at least this many taps per side take the fast path (13x13: ~2x, 17x17: ~3x).
+MIN_FAST_KERNEL_CHANNELS_LAST = 11
 # Bound on the unfolded input per channel chunk of the weight gradient (elements).
 _UNFOLD_BUDGET = 8 * 1024 * 1024
 
@@ -42,8 +48,11 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     kh, kw = weight.shape[2:]
     (ph, pw), (dh, dw) = tuple(padding), tuple(dilation)
     span_h, span_w = dh * (kh - 1), dw * (kw - 1)
-    return kh == kw and ph == pw and dh == dw and span_h == 2 * ph and span_w == 2 * pw and \
-        span_h + 1 >= MIN_FAST_KERNEL
+    if not (kh == kw and ph == pw and dh == dw and span_h == 2 * ph and span_w == 2 * pw):
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return kh >= MIN_FAST_KERNEL_CHANNELS_LAST  # oneDNN's own backward wins for the smaller kernels
+    return span_h + 1 >= MIN_FAST_KERNEL
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
@@ -124,7 +133,14 @@ def depthwise_forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if backend not in ("fast", "torch"):
         raise ValueError(f"unknown depth-wise conv backend {backend!r} (from ${DWCONV_ENV_VAR}); "
                          f"valid: fast, torch")
-    if backend == "fast" and conv.padding_mode == "zeros" and use_fast_depthwise(
-            x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
-        return depthwise_conv2d(x, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
-    return conv(x)
+    if backend != "fast" or torch.jit.is_tracing() or torch.jit.is_scripting() or conv.padding_mode != "zeros" \
+            or not use_fast_depthwise(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
+        return conv(x)  # also under jit tracing, so that fvcore & co. count the convolution
+    if torch.is_autocast_enabled("cpu"):
+        # bf16 depth-wise kernels are slower than fp32 ones on CPU (no AMX/GEMM to gain): run them in the
+        # weights' dtype, outside autocast (also the more accurate choice)
+        with torch.autocast("cpu", enabled=False):
+            return depthwise_forward(conv, x.to(conv.weight.dtype))
+    if not torch.is_grad_enabled():
+        return _forward_cl(x, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
+    return depthwise_conv2d(x, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])

@@ -108,7 +108,8 @@ def build_loss(p: PretrainParams, mixup) -> nn.Module:
 def build_optimizer(p: PretrainParams, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """AdamW with weight decay on weights only (no decay on norms, biases, ``no_weight_decay()`` params)."""
     from timm.optim import create_optimizer_v2
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=p.weight_decay, filter_bias_and_bn=True)
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=p.weight_decay, filter_bias_and_bn=True,
+                               foreach=True)
 
 
 def build_scheduler(p: PretrainParams, optimizer, steps_per_epoch: int):
