@@ -127,11 +127,11 @@ class FinetuneParams(_Section):
     mode: Literal["train", "evaluate"] = "train"
     detector: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
     schedule: Literal["demo", "1x", "3x"] = "demo"
-    init: Literal["ema", "raw", "checkpoint", "none"] = "ema"
+    init: Literal["ema", "raw", "checkpoint", "none"] = "raw"
     checkpoint: str | None = Field(None, description="official classification (init) or detector (evaluate) ckpt")
-    max_iters: int | None = Field(None, ge=1, description="demo schedule length; None: config default")
+    max_iters: int | None = Field(200, ge=1, description="demo schedule length; None: config default")
     samples_per_gpu: int = Field(2, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: the schedule's own (official 2e-4; demo 1e-3)")
     weight_decay: float = Field(0.05, ge=0)
     drop_path_rate: float | None = Field(None, ge=0, lt=1)
     img_scale: tuple[int, int] = (128, 128)

@@ -124,3 +124,13 @@ def calib_eval_workspace(tmp_path_factory):
 def data_mlflow_db(tmp_path_factory):
     """Path of a session-wide MLflow sqlite database for the data-stage tests (``tracking.uri`` sqlite:///...)."""
     return tmp_path_factory.mktemp("data_mlflow") / "mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the CI machine has 2 shared cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

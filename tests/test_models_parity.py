@@ -20,13 +20,7 @@ TINY_B = dict(depth=[1, 1, 2, 1], sub_depth=[1, 2], embed_dim=[8, 16, 48, 64], k
               use_ds=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CI machine has 2 shared cores: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ __all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "pyramid_channels", "
 
 CONFIG_DIR = Path(str(resources.files("overlock.detection") / "configs"))
 DEMO_MAX_ITERS = 40
+DEMO_LR = 1e-3  # short demo schedule on tiny data; the official COCO recipe uses 2e-4
 
 
 def shipped_configs() -> list[Path]:
@@ -119,7 +120,11 @@ def build_detection_config(params: Params, data_dir: Path, work_dir: Path, class
             _set_img_scale(cfg.data[split].pipeline, tuple(ft.img_scale))
 
     # optimizer and schedule
-    cfg.optimizer.lr, cfg.optimizer.weight_decay = ft.lr, ft.weight_decay
+    cfg.optimizer.weight_decay = ft.weight_decay
+    if ft.lr is not None:
+        cfg.optimizer.lr = ft.lr
+    elif ft.schedule == "demo":
+        cfg.optimizer.lr = DEMO_LR  # 1x/3x keep the official recipe's 2e-4 from their configs
     if ft.schedule == "demo":
         max_iters = ft.max_iters or DEMO_MAX_ITERS
         cfg.runner.max_iters = max_iters
