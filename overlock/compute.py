@@ -66,3 +66,15 @@ def autocast(precision: str, device: torch.device):
 def needs_grad_scaler(precision: str, device: torch.device) -> bool:
     """fp16 on CUDA needs loss scaling; bf16 and fp32 do not."""
     return precision == "fp16" and device.type == "cuda"
+
+
+def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """``module.to(memory_format=...)`` that leaves non-4-D tensors alone.
+
+    ``nn.Module.to`` refuses channels_last for any parameter that is not 4-D, and ODConv/KernelWarehouse keep
+    5-D kernel banks; only the 4-D convolution weights need the layout.
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=memory_format)
+    return module

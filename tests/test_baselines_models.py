@@ -293,3 +293,16 @@ def test_pretrain_stage_builds_a_baseline_from_params():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(ParamsError, match="odconv3x_resnet50"):
         parse_params({"model": {"arch": "odconv3x_resnet50"}})
+
+
+def test_channels_last_speed_measurement_handles_5d_kernel_banks():
+    """evaluate's channels_last throughput must not crash on ODConv's 5-D kernels (nn.Module.to refuses)."""
+    import timm
+
+    from overlock.evaluation.complexity import measure_speed
+    model = timm.create_model("dc_odconv4x_resnet50", num_classes=3, depth=[1, 1, 1, 1])
+    assert any(p.dim() == 5 for p in model.parameters())
+    speed = measure_speed(model, 32, 2, 1, channels_last=True)
+    assert speed["throughput"] > 0 and speed["channels_last"]
+    conv4d = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv4d.is_contiguous(memory_format=torch.channels_last)

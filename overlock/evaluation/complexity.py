@@ -88,12 +88,12 @@ def measure_speed(
     precision: str = "fp32",
 ) -> dict:
     """Throughput (img/s) at ``batch`` and latency (ms) at batch 1, median of ``iters`` timed runs each."""
-    from overlock.compute import autocast
+    from overlock.compute import autocast, to_memory_format
 
     device = torch.device(device)
     model = model.eval().to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = to_memory_format(model, fmt)
 
     def timed(n: int) -> float:
         x = torch.randn(n, 3, input_size, input_size, device=device).to(memory_format=fmt)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from overlock.compute import autocast, needs_grad_scaler, seed_everything
+from overlock.compute import autocast, needs_grad_scaler, seed_everything, to_memory_format
 from overlock.models.baselines import anneal_temperature
 from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = recipe.build_model(params, config["num_classes"]).to(device)
     memory_format = torch.channels_last if params.compute.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = to_memory_format(model, memory_format)
     cfg = recipe.data_config(model, p.input_size)
     train_tf, val_tf = recipe.build_transforms(p, cfg)
     train_ds, val_ds, classes = load_datasets(Path(config["data"]), train_tf, val_tf)
