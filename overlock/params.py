@@ -131,7 +131,7 @@ class FinetuneParams(_Section):
     checkpoint: str | None = Field(None, description="official classification (init) or detector (evaluate) ckpt")
     max_iters: int | None = Field(200, ge=1, description="demo schedule length; None: config default")
     samples_per_gpu: int = Field(2, ge=1)
-    lr: float | None = Field(None, gt=0, description="None: the schedule's own (official 2e-4; demo 1e-3)")
+    lr: float | None = Field(None, gt=0, description="None: the schedule's own (official 2e-4; demo 4e-4)")
     weight_decay: float = Field(0.05, ge=0)
     drop_path_rate: float | None = Field(None, ge=0, lt=1)
     img_scale: tuple[int, int] = (128, 128)

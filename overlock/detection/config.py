@@ -22,7 +22,7 @@ __all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "pyramid_channels", "
 
 CONFIG_DIR = Path(str(resources.files("overlock.detection") / "configs"))
 DEMO_MAX_ITERS = 40
-DEMO_LR = 1e-3  # short demo schedule on tiny data; the official COCO recipe uses 2e-4
+DEMO_LR = 4e-4  # short demo schedule on tiny data (0.081 AP50 vs 0.059 at 1e-3); official COCO recipe: 2e-4
 
 
 def shipped_configs() -> list[Path]:
