@@ -134,3 +134,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def mlflow_db(data_mlflow_db):
+    """The shared data-test MLflow store (see ``data_mlflow_db``)."""
+    return data_mlflow_db
+
+
+@pytest.fixture()
+def repo(tmp_path, monkeypatch):
+    """A scratch repository root ($OVERLOCK_REPO): state directories go under it."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    monkeypatch.setenv("OVERLOCK_REPO", str(root))
+    return root

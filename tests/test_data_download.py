@@ -82,20 +82,6 @@ def fast_backoff(monkeypatch):
     monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.01)
 
 
-@pytest.fixture()
-def mlflow_db(data_mlflow_db):
-    return data_mlflow_db
-
-
-@pytest.fixture()
-def repo(tmp_path, monkeypatch):
-    """A scratch repository root: the state directory goes under it."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    monkeypatch.setenv("OVERLOCK_REPO", str(root))
-    return root
-
-
 def _params(mlflow_db: Path, **data):
     return parse_params({"seed": 3, "data": {"demo": SMALL_DEMO, **data},
                          "tracking": {"uri": f"sqlite:///{mlflow_db}"}})

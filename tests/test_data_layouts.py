@@ -57,19 +57,6 @@ def _mini_imagenet(archives: Path, wnids: list[str], train_per_class: int, val_p
     _manifest(archives, "imagenet1k")
 
 
-@pytest.fixture()
-def mlflow_db(data_mlflow_db):
-    return data_mlflow_db
-
-
-@pytest.fixture()
-def repo(tmp_path, monkeypatch):
-    root = tmp_path / "repo"
-    root.mkdir()
-    monkeypatch.setenv("OVERLOCK_REPO", str(root))
-    return root
-
-
 def _params(mlflow_db, **data):
     return parse_params({"seed": 7, "data": data, "tracking": {"uri": f"sqlite:///{mlflow_db}"}})
 

@@ -29,10 +29,9 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .odconv import normalize_attention_hidden
+from .odconv import normalize_attention_hidden, per_sample_conv2d
 
 __all__ = ["KWAttention", "KWConv2d", "WarehouseManager"]
 
@@ -186,20 +185,9 @@ class KWConv2d(nn.Module):
         return self._assemble(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        weight = self._assemble(x).reshape(
-            b * self.out_planes, self.in_planes // self.groups, *self.kernel_size
-        )
-        out = F.conv2d(
-            x.reshape(1, b * self.in_planes, h, w),
-            weight,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups * b,
-        )
-        out = out.view(b, self.out_planes, out.shape[-2], out.shape[-1])
+        b = x.shape[0]
+        weight = self._assemble(x).reshape(b, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
+        out = per_sample_conv2d(x, weight, self.stride, self.padding, self.dilation, self.groups)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out

@@ -32,6 +32,18 @@ ODCONV_MIN_ATTENTION_CHANNELS = 16
 UNFOLD_MAX_POSITIONS = 64
 
 
+def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Convolve each sample with its own kernel: ``weight`` [B, out, in // groups, kh, kw].
+
+    One grouped convolution does it: the batch becomes extra groups.
+    """
+    b, in_planes, h, w = x.shape
+    out_planes = weight.shape[1]
+    out = F.conv2d(x.reshape(1, b * in_planes, h, w), weight.reshape(b * out_planes, *weight.shape[2:]), None,
+                   stride, padding, dilation, groups * b)
+    return out.view(b, out_planes, out.shape[-2], out.shape[-1])
+
+
 def normalize_attention_hidden(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Apply an attention head's norm; a BatchNorm meeting a single pooled sample in training (a last batch
     of one) uses its running statistics instead of failing on a one-value batch."""
@@ -202,17 +214,7 @@ class ODConv2d(nn.Module):
         if self.groups == 1 and ho * wo <= UNFOLD_MAX_POSITIONS:
             return self._forward_unfold(x, spatial, kernel, ho, wo) * filt
         weight = self._mix_kernels(spatial, kernel, b).reshape(
-            b * self.out_planes, self.in_planes // self.groups, self.kernel_size, self.kernel_size
+            b, self.out_planes, self.in_planes // self.groups, self.kernel_size, self.kernel_size
         )
-        # one grouped convolution applies each sample's own kernel: the batch becomes extra groups
-        out = F.conv2d(
-            x.reshape(1, b * self.in_planes, h, w),
-            weight,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups * b,
-        )
-        out = out.view(b, self.out_planes, out.shape[-2], out.shape[-1])
+        out = per_sample_conv2d(x, weight, self.stride, self.padding, self.dilation, self.groups)
         return out * filt
