@@ -15,6 +15,10 @@ a small named function so tests can check its effect in isolation:
 - ``patch_iter_runner_resume``: ``IterBasedRunner.resume`` maps a checkpoint to
   ``torch.cuda.current_device()`` unconditionally, so resuming an iteration-based run fails on a CPU-only
   host; without CUDA the default now maps to the CPU (as ``BaseRunner.resume`` already does).
+- ``patch_roi_ops_memory_format``: mmcv's RoIAlign/RoIPool kernels index their input as contiguous NCHW;
+  a channels_last feature map (what OverLoCK's oneDNN convolutions and any channels_last backbone return)
+  is read as garbage, silently: the RPN still learns, the RoI heads cannot. The inputs (and the output
+  gradients) are made contiguous first.
 - ``patch_numpy_aliases``: ``np.int``/``np.float``/``np.bool`` (removed in numpy 1.24) are still used by
   mmdet (``CustomDataset.get_cat_ids``, samplers).
 """
@@ -32,7 +36,7 @@ import torch
 
 __all__ = ["ORIGINALS", "apply_all", "trusted_checkpoint_dir", "is_trusted_checkpoint", "load_local_checkpoint",
            "patch_checkpoint_loading", "patch_get_stream", "patch_mmddp",
-           "patch_iter_runner_resume", "patch_numpy_aliases"]
+           "patch_iter_runner_resume", "patch_roi_ops_memory_format", "patch_numpy_aliases"]
 
 _TRUSTED_DIRS: list[Path] = []
 _LOCK = threading.Lock()
@@ -127,6 +131,30 @@ def patch_iter_runner_resume() -> None:
     IterBasedRunner.resume = resume
 
 
+def _contiguous_op(function: type, name: str) -> None:
+    """Wrap ``function``'s forward/backward so their tensor arguments reach the kernel contiguous."""
+    forward = ORIGINALS.setdefault(f"{name}.forward", function.forward)
+    backward = ORIGINALS.setdefault(f"{name}.backward", function.backward)
+
+    def contiguous_forward(ctx, input, rois, *args, **kwargs):
+        return forward(ctx, input.contiguous(), rois.contiguous(), *args, **kwargs)
+
+    def contiguous_backward(ctx, grad_output):
+        return backward(ctx, grad_output.contiguous())
+
+    function.forward = staticmethod(contiguous_forward)
+    function.backward = staticmethod(contiguous_backward)
+
+
+def patch_roi_ops_memory_format() -> None:
+    """mmcv's RoIAlign and RoIPool accept channels_last (any non-contiguous) feature maps correctly."""
+    from mmcv.ops.roi_align import RoIAlignFunction
+    from mmcv.ops.roi_pool import RoIPoolFunction
+
+    _contiguous_op(RoIAlignFunction, "RoIAlignFunction")
+    _contiguous_op(RoIPoolFunction, "RoIPoolFunction")
+
+
 def patch_numpy_aliases() -> None:
     """Restore the builtin-type aliases numpy 1.24 removed (``np.int`` is ``int``, as it always was)."""
     for name, value in (("int", int), ("float", float), ("bool", bool), ("object", object)):
@@ -137,7 +165,8 @@ def patch_numpy_aliases() -> None:
 def apply_all() -> None:
     """Apply every shim once (no-op for shims already applied; mmcv shims need mmcv installed)."""
     shims = {"numpy": patch_numpy_aliases, "checkpoint": patch_checkpoint_loading,
-             "get_stream": patch_get_stream, "mmddp": patch_mmddp, "iter_resume": patch_iter_runner_resume}
+             "get_stream": patch_get_stream, "mmddp": patch_mmddp, "iter_resume": patch_iter_runner_resume,
+             "roi_memory_format": patch_roi_ops_memory_format}
     for name, shim in shims.items():
         if name not in _APPLIED:
             shim()

@@ -32,6 +32,30 @@ def test_roi_align_cpu_known_answer():
     torch.testing.assert_close(out_t[0, 0], torch.tensor([[2.5, 2.5], [4.5, 4.5]]))
 
 
+def test_roi_align_shim_reads_channels_last_features_correctly():
+    """Unpatched, mmcv reads a channels_last map as NCHW memory and returns garbage (the RoI heads of a
+    detector on a channels_last backbone then cannot learn); patched, forward and input gradient match."""
+    from mmcv.ops import RoIAlign  # (RoIPool, patched the same way, has no CPU kernel in mmcv)
+    from mmcv.ops.roi_align import RoIAlignFunction
+
+    layer = RoIAlign(7, 0.5, 2)
+    feat = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    rois = torch.tensor([[0, 2.0, 2.0, 20.0, 24.0], [1, 0.0, 8.0, 18.0, 18.0]], dtype=torch.float64)
+    dense, last = feat.clone().requires_grad_(), feat.to(memory_format=torch.channels_last).requires_grad_()
+    out_dense, out_last = layer(dense, rois), layer(last, rois)
+    torch.testing.assert_close(out_last, out_dense)
+    weight = torch.randn_like(out_dense)
+    (out_dense * weight).sum().backward()
+    (out_last * weight).sum().backward()
+    torch.testing.assert_close(last.grad, dense.grad)
+
+    class Unpatched(RoIAlignFunction):  # the original kernel really is wrong on channels_last input
+        forward = staticmethod(compat.ORIGINALS["RoIAlignFunction.forward"])
+
+    wrong = Unpatched.apply(feat.to(memory_format=torch.channels_last), rois, 7, 0.5, 2, "avg", True)
+    assert (wrong - out_dense).abs().max() > 0.1
+
+
 def test_nms_cpu_known_answer():
     from mmcv.ops import batched_nms, nms
 
