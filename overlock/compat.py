@@ -12,6 +12,11 @@ a small named function so tests can check its effect in isolation:
   ``_get_stream``, which takes a ``torch.device`` since torch 2.0.
 - ``patch_mmddp``: ``MMDistributedDataParallel._run_ddp_forward`` reads ``_use_replicated_tensor_module``,
   an attribute torch removed in 2.0; without it every DDP forward (e.g. distributed testing) fails.
+- ``patch_cpu_distributed``: mmdet's ``build_ddp`` only accepts GPU-like devices and
+  ``MMDistributedDataParallel`` only unwraps mmcv's ``DataContainer`` batches when it has ``device_ids``;
+  mmdet's samplers broadcast their seed through a CUDA tensor (``sync_random_seed(device='cuda')``), which
+  now uses the CPU when no GPU is visible; with these, ``train_detector(distributed=True)`` runs in gloo CPU processes (how the torchrun
+  path of the finetune stage is exercised without GPUs).
 - ``patch_iter_runner_resume``: ``IterBasedRunner.resume`` maps a checkpoint to
   ``torch.cuda.current_device()`` unconditionally, so resuming an iteration-based run fails on a CPU-only
   host; without CUDA the default now maps to the CPU (as ``BaseRunner.resume`` already does).
@@ -36,7 +41,7 @@ import torch
 
 __all__ = ["ORIGINALS", "apply_all", "trusted_checkpoint_dir", "is_trusted_checkpoint", "load_local_checkpoint",
            "patch_checkpoint_loading", "patch_get_stream", "patch_mmddp",
-           "patch_iter_runner_resume", "patch_roi_ops_memory_format", "patch_numpy_aliases"]
+           "patch_iter_runner_resume", "patch_roi_ops_memory_format", "patch_cpu_distributed", "patch_numpy_aliases"]
 
 _TRUSTED_DIRS: list[Path] = []
 _LOCK = threading.Lock()
@@ -116,6 +121,52 @@ def patch_mmddp() -> None:
         MMDistributedDataParallel._replicated_tensor_module = None
 
 
+def patch_cpu_distributed() -> None:
+    """``build_ddp(model, "cpu")`` and CPU ``MMDistributedDataParallel.train_step/val_step`` (gloo)."""
+    import mmdet.apis.train as mmdet_train
+    import mmdet.utils.util_distribution as distribution
+    from mmcv.parallel import MMDistributedDataParallel
+
+    import mmdet.core.utils as core_utils
+    import mmdet.core.utils.dist_utils as dist_utils
+    import mmdet.datasets.samplers.class_aware_sampler as class_aware_sampler
+    import mmdet.datasets.samplers.distributed_sampler as distributed_sampler
+    import mmdet.datasets.samplers.infinite_sampler as infinite_sampler
+
+    sync_random_seed = ORIGINALS.setdefault("sync_random_seed", dist_utils.sync_random_seed)
+
+    def sync_random_seed_any_device(seed=None, device="cuda"):
+        return sync_random_seed(seed, device if torch.cuda.is_available() else "cpu")
+
+    sync_random_seed_any_device.__doc__ = sync_random_seed.__doc__
+    for module in (dist_utils, core_utils, class_aware_sampler, distributed_sampler, infinite_sampler):
+        module.sync_random_seed = sync_random_seed_any_device
+
+    build_ddp = ORIGINALS.setdefault("build_ddp", distribution.build_ddp)
+
+    def build_ddp_with_cpu(model, device="cuda", *args, **kwargs):
+        if device != "cpu":
+            return build_ddp(model, device, *args, **kwargs)
+        kwargs.pop("device_ids", None)
+        return MMDistributedDataParallel(model, *args, device_ids=None, **kwargs)
+
+    build_ddp_with_cpu.__doc__ = build_ddp.__doc__
+    distribution.build_ddp = build_ddp_with_cpu
+    mmdet_train.build_ddp = build_ddp_with_cpu  # imported by name there
+
+    for name in ("train_step", "val_step"):
+        original = ORIGINALS.setdefault(f"MMDistributedDataParallel.{name}", getattr(MMDistributedDataParallel, name))
+
+        def step(self, *inputs, _original=original, **kwargs):
+            if not self.device_ids:  # CPU: unwrap the DataContainers as MMDataParallel does on the CPU
+                inputs, kwargs = self.scatter(inputs, kwargs, [-1])
+                inputs, kwargs = inputs[0], kwargs[0]
+            return _original(self, *inputs, **kwargs)
+
+        step.__doc__ = original.__doc__
+        setattr(MMDistributedDataParallel, name, step)
+
+
 def patch_iter_runner_resume() -> None:
     """``IterBasedRunner.resume(map_location='default')`` loads onto the CPU when no GPU is visible."""
     from mmcv.runner import IterBasedRunner
@@ -166,7 +217,7 @@ def apply_all() -> None:
     """Apply every shim once (no-op for shims already applied; mmcv shims need mmcv installed)."""
     shims = {"numpy": patch_numpy_aliases, "checkpoint": patch_checkpoint_loading,
              "get_stream": patch_get_stream, "mmddp": patch_mmddp, "iter_resume": patch_iter_runner_resume,
-             "roi_memory_format": patch_roi_ops_memory_format}
+             "roi_memory_format": patch_roi_ops_memory_format, "cpu_distributed": patch_cpu_distributed}
     for name, shim in shims.items():
         if name not in _APPLIED:
             shim()

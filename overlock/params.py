@@ -129,7 +129,7 @@ class FinetuneParams(_Section):
     schedule: Literal["demo", "1x", "3x"] = "demo"
     init: Literal["ema", "raw", "checkpoint", "none"] = "raw"
     checkpoint: str | None = Field(None, description="official classification (init) or detector (evaluate) ckpt")
-    max_iters: int | None = Field(200, ge=1, description="demo schedule length; None: config default")
+    max_iters: int | None = Field(100, ge=1, description="demo schedule length; None: config default")
     samples_per_gpu: int = Field(2, ge=1)
     lr: float | None = Field(None, gt=0, description="None: the schedule's own (official 2e-4; demo 4e-4)")
     weight_decay: float = Field(0.05, ge=0)
@@ -137,6 +137,8 @@ class FinetuneParams(_Section):
     img_scale: tuple[int, int] = (128, 128)
     checkpoint_interval: int = Field(10, ge=1)
     launcher: Literal["none", "pytorch"] = "none"
+    nproc_per_node: int | None = Field(None, ge=1, description="torchrun processes (launcher pytorch); None: "
+                                       "every visible GPU. On a CPU-only host: that many gloo CPU processes")
 
 
 class CalibrateParams(_Section):

@@ -271,3 +271,29 @@ def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
     load_checkpoint(model, str(path), map_location="cpu", strict=True)
     key = "backbone.patch_embed1.0.weight"
     torch.testing.assert_close(model.state_dict()[key], state[key])
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_trains_with_two_processes(tmp_path):
+    """``finetune.launcher: pytorch`` runs the training under torchrun with MMDistributedDataParallel
+    (2 gloo CPU processes here, one per GPU on a GPU host): it trains, rank 0 evaluates and logs each
+    iteration to MLflow exactly once, and the outputs are written."""
+    root = tmp_path / "repo"
+    (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    write_demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=2)
+    write_pretrain_output(root / "models" / "classifier", TINY)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    iters = 4
+    params = _params(store, max_iters=iters, checkpoint_interval=2, launcher="pytorch", nproc_per_node=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(_stage_cmd(root), cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    metrics = json.loads((root / "metrics/finetune.json").read_text())
+    assert "bbox_mAP" in metrics and 0.0 <= metrics["bbox_mAP"] <= 1.0
+    client, runs = _child_run(store)
+    assert len(runs) == 1 and runs[0].data.tags["finetune.processes"] == "2 (torchrun, cpu)"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == sorted(set(steps)) and max(steps) == iters
+    det = torch.load(root / "models/detector/detector.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("backbone.") for k in det["state_dict"])

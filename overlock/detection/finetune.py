@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -172,6 +173,11 @@ def evaluate_detector(model, cfg, distributed: bool = False) -> dict[str, float]
     from mmdet.apis import multi_gpu_test, single_gpu_test
     from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
 
+    if distributed and cfg.device != "cuda":  # gloo CPU processes: rank 0 evaluates the (synchronised) model
+        rank = get_dist_info()[0]
+        result = evaluate_detector(model, cfg, distributed=False) if rank == 0 else {}
+        torch.distributed.barrier()
+        return result
     cfg.data.test.test_mode = True
     cfg.data.test.pipeline = replace_ImageToTensor(cfg.data.test.pipeline)
     dataset = build_dataset(cfg.data.test)
@@ -235,6 +241,8 @@ def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, dis
     resume = latest_checkpoint(work_dir)
     cfg.resume_from = str(resume) if resume else None
     info["resumed_from_iter"] = _checkpoint_iter(resume)
+    world_size = get_dist_info()[1]
+    info["processes"] = f"{world_size} ({'torchrun, ' if distributed else ''}{cfg.device})"
     cfg.custom_hooks = list(cfg.get("custom_hooks", [])) + [dict(
         type="MlflowLossHook", tracking_uri=run_uri, run_id=run_id, history_file=str(work_dir / LOSS_HISTORY),
         priority="LOW")]
@@ -242,6 +250,7 @@ def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, dis
     model.CLASSES = dataset.CLASSES
     with trusted_checkpoint_dir(work_dir):
         train_detector(model, [dataset], cfg, distributed=distributed, validate=params.finetune.schedule != "demo",
+                       timestamp=time.strftime("%Y%m%d_%H%M%S", time.gmtime()),
                        meta=dict(config=cfg.pretty_text, seed=params.seed, CLASSES=dataset.CLASSES))
     metrics = evaluate_detector(model, cfg, distributed)
     if get_dist_info()[0] == 0:
@@ -277,12 +286,14 @@ def _evaluate_only(params: Params, cfg) -> dict:
     return {"metrics": metrics, "info": info}
 
 
-def _launch_torchrun(params_file: Path, run: StageRun, data: Path, classifier: Path, work_dir: Path) -> None:
-    nproc = int(os.environ.get("OVERLOCK_NPROC", torch.cuda.device_count()))
+def _launch_torchrun(params: Params, params_file: Path, run: StageRun, data: Path, classifier: Path,
+                     work_dir: Path) -> None:
+    """Run the training under ``torchrun`` (one process per GPU; gloo CPU processes on a CPU-only host)."""
+    nproc = params.finetune.nproc_per_node or torch.cuda.device_count()
     if nproc < 1:
-        raise RuntimeError("finetune.launcher=pytorch needs CUDA GPUs (none visible); use finetune.launcher=none "
-                           "to train on one GPU or the CPU")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
+        raise RuntimeError("finetune.launcher=pytorch found no CUDA GPU: use finetune.launcher=none to train on "
+                           "the CPU, or set finetune.nproc_per_node to run that many CPU processes (gloo)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "overlock.detection.finetune", "worker", "--params-json", str(params_file), "--data", str(data),
            "--classifier", str(classifier), "--work-dir", str(work_dir), "--run-uri", run.uri,
            "--run-id", run.run_id]
@@ -369,7 +380,7 @@ def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, ou
     classes = read_classes(files["train"][0])
     work_dir = _state_dir(params, Path(data), Path(classifier))
     device = select_device(params.compute).type
-    world = torch.cuda.device_count() if ft.launcher == "pytorch" else 1
+    world = (ft.nproc_per_node or torch.cuda.device_count()) if ft.launcher == "pytorch" else 1
     cfg = build_detection_config(params, Path(data), work_dir, classes, device=device, world_size=max(world, 1))
     run.log_params({"finetune.config_file": str(Path(cfg.filename).name), "finetune.work_dir": str(work_dir)})
     run.log_text(_clean_config(cfg).pretty_text, "config.py")
@@ -380,7 +391,7 @@ def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, ou
     elif ft.launcher == "pytorch":
         params_file = work_dir / "params.json"
         write_json_atomic(params_file, params.model_dump(mode="json"))
-        _launch_torchrun(params_file, run, Path(data), Path(classifier), work_dir)
+        _launch_torchrun(params, params_file, run, Path(data), Path(classifier), work_dir)
         result = read_json(work_dir / "result.json")
         if result is None:
             raise RuntimeError(f"the torchrun workers finished without writing {work_dir / 'result.json'}")
@@ -391,7 +402,7 @@ def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, ou
 
 
 def _worker(argv: list[str]) -> int:
-    """torchrun worker: initialise the process group, train on this rank's GPU, rank 0 logs to MLflow."""
+    """torchrun worker: initialise the process group, train on this rank's GPU (or CPU), rank 0 logs to MLflow."""
     from mmcv.runner import init_dist
 
     from overlock.params import parse_params
@@ -401,11 +412,14 @@ def _worker(argv: list[str]) -> int:
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
     params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    init_dist("pytorch", backend=backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        init_dist("pytorch", backend="nccl")  # also pins this rank's GPU
+    else:
+        torch.distributed.init_process_group("gloo")
     files = coco_files(Path(args.data))
     cfg = build_detection_config(params, Path(args.data), Path(args.work_dir), read_classes(files["train"][0]),
-                                 device="cuda", world_size=torch.distributed.get_world_size())
+                                 device=device, world_size=torch.distributed.get_world_size())
     attach_run(args.run_uri, args.run_id)  # fail fast when the store is unreachable from this worker
     _train(params, cfg, Path(args.classifier), args.run_uri, args.run_id, distributed=True)
     return 0

@@ -211,9 +211,15 @@ def calibration_section(calibration: Path, staging: Path, report: Report) -> dic
 
 
 def detection_section(
-    params: Params, data: Path, detector: Path, staging: Path, report: Report, device
+    params: Params, data: Path, detector: Path, staging: Path, report: Report, device,
+    calibration: Path | None = None,
 ) -> dict:
-    """COCO bbox/segm AP (finetune metrics + our per-class AP from pycocotools) and drawn predictions."""
+    """COCO bbox/segm AP (finetune metrics + our per-class AP from pycocotools) and drawn predictions.
+
+    When the calibrate stage fitted a detector score calibrator (``<calibration>/detector_calibration.json``),
+    the drawn predictions carry calibrated scores (probability that the box is a correct detection); AP is
+    computed from the raw scores (a monotone calibrator leaves every AP unchanged).
+    """
     from overlock.evaluation.detection import (
         coco_evaluate,
         detection_splits,
@@ -293,12 +299,27 @@ def detection_section(
         )
     ids = coco.getImgIds()[: params.evaluate.detection_images]
     if ids:
+        shown, caption = calibrated_detections(results, calibration)
         report.image(
             "Detection",
-            draw_gt_vs_pred(coco, img_prefix, results, ids, staging / "detections.png"),
-            "Ground truth (left) vs. predictions (right)",
+            draw_gt_vs_pred(coco, img_prefix, shown, ids, staging / "detections.png"),
+            f"Ground truth (left) vs. predictions (right), {caption}",
         )
     return metrics
+
+
+def calibrated_detections(results: dict, calibration: Path | None) -> tuple[dict, str]:
+    """``results`` with box scores mapped through the fitted detector calibrator (when there is one)."""
+    from overlock.calibration.detection import ScoreCalibrator
+
+    fitted = read_json(Path(calibration) / "detector_calibration.json", {}) if calibration else {}
+    if fitted.get("status") != "fitted":
+        return results, "raw scores (no fitted detector calibrator)"
+    calibrator = ScoreCalibrator.from_dict(fitted["calibrator"])
+    boxes = results["bbox"]
+    scores = calibrator(np.array([d["score"] for d in boxes])) if boxes else []
+    shown = {**results, "bbox": [{**d, "score": float(s)} for d, s in zip(boxes, scores)]}
+    return shown, f"calibrated scores ({calibrator.method} calibrator from the calibrate stage)"
 
 
 def complexity_section(
@@ -501,7 +522,7 @@ def run_evaluate(
     cls = evaluate_classifier(params, info, data, classifier, calibration, device, staging, report)
     flat = dict(cls["metrics"])
     calibration_section(calibration, staging, report)
-    flat.update(detection_section(params, data, detector, staging, report, device))
+    flat.update(detection_section(params, data, detector, staging, report, device, calibration))
     flat.update(complexity_section(params, info, cls["model"], staging, report, device))
     flat.update(erf_section(params, cls["model"], cls["val"], info, staging, report))
     gradcam_section(params, cls["model"], cls["val"], info, cls["temperature"], staging, report)

@@ -1,4 +1,4 @@
-# CPU demo: Mask R-CNN + FPN with slim heads (64-channel FPN) on small images, a few dozen iterations.
+# CPU demo: Mask R-CNN + FPN with slim heads (64-channel FPN) on small images, a hundred iterations.
 _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', '../_base_/datasets/coco_instance.py',
           '../_base_/schedules/demo_iters.py', '../_base_/default_runtime.py']
 width = 64
@@ -18,4 +18,4 @@ img_scale = (128, 128)
 data = dict(samples_per_gpu=2, workers_per_gpu=0)
 checkpoint_config = dict(by_epoch=False, interval=10, max_keep_ckpts=2)
 log_config = dict(interval=5)
-evaluation = dict(interval=40, by_epoch=False)
+evaluation = dict(interval=100, by_epoch=False)
