@@ -155,6 +155,7 @@ def run_calibrate(
                 bins,
                 shown,
                 title="Detector score reliability (val, IoU-matched)",
+                xlabel="box score (probability that the detection is correct)",
             )
         )
     else:

@@ -32,6 +32,7 @@ def reliability_diagram(
     bins: int = 15,
     metrics: dict[str, dict] | None = None,
     title: str = "Reliability diagram",
+    xlabel: str = "confidence (top-1 probability)",
 ) -> Path:
     """One panel per entry of ``panels`` (e.g. before/after): accuracy per confidence bin vs. the diagonal.
 
@@ -77,7 +78,7 @@ def reliability_diagram(
         ax.set_title(label)
         ax.legend(loc="upper left", fontsize=8)
         hist.bar(centers, [r["count"] for r in rows], width=width * 0.95, color="#55a868")
-        hist.set_xlabel("confidence (top-1 probability)")
+        hist.set_xlabel(xlabel)
         hist.set_ylabel("samples")
     fig.suptitle(title)
     return _save(fig, path)
