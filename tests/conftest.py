@@ -149,3 +149,38 @@ def repo(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setenv("OVERLOCK_REPO", str(root))
     return root
+
+
+# --- detection tests (test_detection_finetune.py, test_calibration_detector.py)
+def write_demo_detection_layout(data_dir, n_train: int = 12, n_val: int = 4, size: int = 96, seed: int = 0,
+                                calibration: int = 2) -> list[str]:
+    """The extract stage's detection layout from the demo generator (train2017, val2017, annotations and
+    ``splits/{train,calibration}.json`` with the first ``calibration`` train images held out); returns the
+    class names in category-id order."""
+    import json
+    from pathlib import Path
+
+    from overlock.data.demo import demo_coco_split
+
+    root = Path(data_dir) / "detection"
+    for split, n, key, first in (("train2017", n_train, 0, 1), ("val2017", n_val, 1, 100000)):
+        images, coco = demo_coco_split(n, size, seed, key, first_id=first)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name, data in images:
+            (root / split / name).write_bytes(data)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        if split == "train2017":
+            (root / "splits").mkdir(exist_ok=True)
+            held = {im["id"] for im in coco["images"][:calibration]}
+            for name, keep in (("calibration", lambda i: i in held), ("train", lambda i: i not in held)):
+                sub = {**coco, "images": [im for im in coco["images"] if keep(im["id"])],
+                       "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
+                (root / "splits" / f"{name}.json").write_text(json.dumps(sub))
+    return [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+
+
+@pytest.fixture(scope="session")
+def demo_detection_layout():
+    """:func:`write_demo_detection_layout` (a fixture so test modules need not import conftest)."""
+    return write_demo_detection_layout

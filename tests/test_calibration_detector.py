@@ -18,32 +18,8 @@ TINY = {
 TRAIN_ITERS = 80  # measured: the tiny detector reaches val box AP50 ~0.7 after 80 iterations from scratch
 
 
-def _demo_detection_layout(data_dir: Path, n_train: int = 24, n_calibration: int = 8, n_val: int = 6,
-                           size: int = 96) -> list[str]:
-    """The extract stage's detection layout (train2017, val2017, annotations, splits) from the demo generator:
-    the last ``n_calibration`` train images are held out as the calibration split."""
-    from overlock.data.demo import demo_coco_split
-
-    root = data_dir / "detection"
-    for split, n, key, first in (("train2017", n_train, 0, 1), ("val2017", n_val, 1, 100000)):
-        images, coco = demo_coco_split(n, size, 0, key, first_id=first)
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for name, data in images:
-            (root / split / name).write_bytes(data)
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        if split == "train2017":
-            held = {im["id"] for im in coco["images"][-n_calibration:]}
-            (root / "splits").mkdir(exist_ok=True)
-            for name, keep in (("train", lambda i: i not in held), ("calibration", lambda i: i in held)):
-                subset = {**coco, "images": [im for im in coco["images"] if keep(im["id"])],
-                          "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
-                (root / "splits" / f"{name}.json").write_text(json.dumps(subset))
-    return [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-
-
 @pytest.fixture(scope="module")
-def detector_workspace(tmp_path_factory):
+def detector_workspace(tmp_path_factory, demo_detection_layout):
     """A real mmdet detector (our config, tiny backbone) trained for a few dozen iterations on the demo train
     split and written as the finetune stage's outputs: it finds objects, and makes mistakes."""
     from mmdet.apis import train_detector
@@ -59,7 +35,7 @@ def detector_workspace(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("calib_det")
     data = root / "data"
-    classes = _demo_detection_layout(data)
+    classes = demo_detection_layout(data, n_train=24, n_val=6, calibration=8)
     params = parse_params(
         {
             "model": {"overrides": TINY},

@@ -23,29 +23,6 @@ MAX_ITERS = 20
 CKPT_EVERY = 5
 
 
-def write_demo_detection_layout(data_dir: Path, n_train: int = 12, n_val: int = 4, size: int = 96,
-                                seed: int = 0, calibration: int = 2) -> Path:
-    """The extract stage's detection layout from the demo generator (images, annotations, splits)."""
-    from overlock.data.demo import demo_coco_split
-
-    root = data_dir / "detection"
-    for split, n, key, first in (("train2017", n_train, 0, 1), ("val2017", n_val, 1, 100000)):
-        images, coco = demo_coco_split(n, size, seed, key, first_id=first)
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for name, data in images:
-            (root / split / name).write_bytes(data)
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        if split == "train2017":
-            (root / "splits").mkdir(exist_ok=True)
-            held = {im["id"] for im in coco["images"][:calibration]}
-            for name, keep in (("calibration", lambda i: i in held), ("train", lambda i: i not in held)):
-                sub = {**coco, "images": [im for im in coco["images"] if keep(im["id"])],
-                       "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
-                (root / "splits" / f"{name}.json").write_text(json.dumps(sub))
-    return root
-
-
 def write_pretrain_output(out: Path, overrides: dict, seed: int = 1) -> dict:
     """A real ``final.pth`` of a freshly built classifier with known (distinct raw / EMA) weights."""
     import timm
@@ -71,11 +48,11 @@ def _params(store: str, **finetune) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, demo_detection_layout):
     """A repo root (params.yaml, dvc.yaml) with demo detection data and a pretrain output."""
     root = tmp_path_factory.mktemp("ftrepo")
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    write_demo_detection_layout(root / "data" / "datasets")
+    demo_detection_layout(root / "data" / "datasets")
     weights = write_pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(_params(store)))
@@ -274,14 +251,14 @@ def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_trains_with_two_processes(tmp_path):
+def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_layout):
     """``finetune.launcher: pytorch`` runs the training under torchrun with MMDistributedDataParallel
     (2 gloo CPU processes here, one per GPU on a GPU host): it trains, rank 0 evaluates and logs each
     iteration to MLflow exactly once, and the outputs are written."""
     root = tmp_path / "repo"
     (root / "models").mkdir(parents=True)
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    write_demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=2)
+    demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=2)
     write_pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     iters = 4
