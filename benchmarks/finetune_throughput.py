@@ -68,7 +68,8 @@ def run_stage(tmp: Path) -> dict:
 
     import yaml
 
-    from test_detection_finetune import write_demo_detection_layout, write_pretrain_output
+    from conftest import write_demo_detection_layout
+    from test_detection_finetune import write_pretrain_output
 
     from overlock.params import parse_params
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from test_detection_finetune import write_demo_detection_layout
+    from conftest import write_demo_detection_layout
 
     from overlock.params import parse_params
 

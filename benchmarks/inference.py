@@ -6,9 +6,15 @@ Rows (eval mode, ``torch.inference_mode()``, same weights, same images, interlea
                         convs (``OVERLOCK_DWCONV_BACKEND=torch``): the straightforward baseline
   plain                 the same with our default depth-wise path (``fast``: large kernels run in oneDNN)
   plain channels_last   the same in channels_last
-  reparam               ``model.reparameterize()`` (one large kernel per DilatedReparamBlock), contiguous
+  reparam               ``model.reparameterize()``: one large kernel per DilatedReparamBlock, and in eval
+                        mode every remaining BatchNorm folded into its neighbouring conv (on the fly; the
+                        state dict stays the official one), contiguous
   reparam channels_last goal row: re-parameterized, channels_last, fp32
+  reparam cl merge-only the goal row without the BatchNorm folding (only the dilated branches merged, as
+                        the official re-parameterization does): what the folding adds
   reparam cl bf16       the goal row under ``torch.autocast("cpu", torch.bfloat16)``
+  reparam cl compiled   (``--compile`` only) the goal row under ``torch.compile`` (inductor, weights frozen);
+                        its warm-up pass, compile included, is printed and excluded from the timed rounds
 
 Best (minimum) time of the interleaved rounds per row (the machine is shared; interference only slows a
 pass down). Throughput at ``--batch`` (default 64) and latency at batch 1 (plain vs reparam channels_last, fp32/bf16).
@@ -42,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--reps", type=int, default=2, help="timed rounds after the warm-up round (default 2)")
     ap.add_argument("--latency-reps", type=int, default=5, help="timed batch-1 passes per row (default 5)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add the reparam channels_last row under torch.compile "
+                         "(inductor; ~1-2 min of compiling)")
     ap.add_argument("--quick", action="store_true",
                     help="brief smoke run: reduced architecture, 32 px, batch 4, 1 round; checks the script only")
     args = ap.parse_args(argv)
@@ -54,13 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class Row:
     def __init__(self, name: str, model: torch.nn.Module, channels_last: bool, precision: str,
-                 dwconv: str = "fast"):
+                 dwconv: str = "fast", compile: bool = False):
         self.name, self.precision, self.dwconv = name, precision, dwconv
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.layout = "channels_last" if channels_last else "contiguous"
         self.model = model.to(memory_format=self.fmt).eval()
+        self.compiled = compile
+        if compile:
+            import torch._inductor.config as inductor_config
+
+            # weights are constants: inductor folds and pre-packs them (inference only)
+            inductor_config.freezing = True
+            self.model = torch.compile(self.model, dynamic=False)
         self.times: list[float] = []
         self.latency: list[float] = []
+        self.first_pass = 0.0
 
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
         x = images.contiguous(memory_format=self.fmt)
@@ -89,6 +106,7 @@ def main(argv=None) -> int:
     import timm
 
     import overlock.models  # noqa: F401  (registers overlock_* with timm)
+    from overlock.models.blocks import enable_batchnorm_folding
 
     torch.manual_seed(0)
     plain = timm.create_model(f"overlock_{args.size}", num_classes=1000, **args.overrides)
@@ -106,8 +124,12 @@ def main(argv=None) -> int:
         Row("plain channels_last", copy.deepcopy(plain), True, "fp32"),
         Row("reparam", copy.deepcopy(reparam), False, "fp32"),
         Row("reparam channels_last", reparam, True, "fp32"),
+        Row("reparam channels_last merge-only", enable_batchnorm_folding(copy.deepcopy(reparam), False), True,
+            "fp32"),
         Row("reparam channels_last bf16", copy.deepcopy(reparam), True, "bf16"),
     ]
+    if args.compile:
+        rows.append(Row("reparam channels_last compiled", copy.deepcopy(reparam), True, "fp32", compile=True))
     n_plain = sum(p.numel() for p in plain.parameters()) / 1e6
     n_rep = sum(p.numel() for p in reparam.parameters()) / 1e6
     print(f"OverLoCK-{args.size.upper()} inference: batch {args.batch}, {args.img}px, {args.threads} threads, "
@@ -122,6 +144,7 @@ def main(argv=None) -> int:
         for row in rows:
             out, elapsed = row.run(images)
             if rnd == 0:
+                row.first_pass = elapsed
                 ref = out if ref is None else ref
                 errors[row.name] = (out - ref).abs().max().item() / ref.abs().max().item()
             else:
@@ -154,6 +177,10 @@ def main(argv=None) -> int:
         print(f"RATIO {row.name} vs plain torch-dw: {base / min(row.times):.2f}x img/s at batch {args.batch}")
     for row in latency_rows[1:]:
         print(f"RATIO {row.name} vs plain torch-dw: {base_lat / min(row.latency):.2f}x batch-1 latency")
+    for row in rows:
+        if row.compiled:
+            print(f"COMPILE {row.name}: first pass {row.first_pass:.1f} s (compile time "
+                  f"~{row.first_pass - min(row.times):.0f} s), excluded from the timed rounds")
     fp32_err = max(errors[r.name] for r in rows if r.precision == "fp32")
     print(f"fp32 rows agree with the plain model to {fp32_err:.1e} (relative max logit difference)")
     return 0 if fp32_err < 1e-4 else 1

@@ -6,8 +6,15 @@ Variants (each its own copy of the same initial model and optimizer, the same ba
   baseline          fp32, contiguous (NCHW), ContMix ``gather``, PyTorch depth-wise convs
   +fast-contmix     ContMix ``fast`` (tiled dense matmul, hand-written backward)
   +channels-last    model and input in ``torch.channels_last``
-  +fast-dwconv      large depth-wise kernels through ``overlock.models.fast_conv`` (exact re-formulation)
+  +fast-dwconv      every depth-wise kernel above 3x3 (the large ones and their dilated branches) through
+                    ``overlock.models.fast_conv`` (exact re-formulation)
   +bf16-autocast    all of the above under ``torch.autocast("cpu", torch.bfloat16)`` (opt-in numerics)
+  +compile          +fast-dwconv under ``torch.compile`` (inductor; ``compute.compile: true``). Not run
+                    unless asked for (``--compile`` or ``--variants``): compiling takes minutes here; its
+                    warm-up step (compile included) is printed, the timed rounds exclude it
+
+Every variant, the baseline included, runs the model's fused small blocks (GRN, ResDWConv, LayerScale as
+single passes; see ``overlock/models/blocks.py``): they are part of the model, not a switch.
 
 Repetitions are interleaved (one step of every variant per round) so machine-load drift hits all of them
 alike; the best (minimum) step time per variant is reported with img/s and the ratio to the baseline (the
@@ -43,6 +50,7 @@ class Variant:
     channels_last: bool
     precision: str  # fp32 | bf16
     dwconv: str  # OVERLOCK_DWCONV_BACKEND
+    compile: bool = False  # torch.compile (inductor)
 
 
 VARIANTS = (
@@ -52,6 +60,7 @@ VARIANTS = (
     Variant("+fast-dwconv", "fast", True, "fp32", "fast"),
     Variant("+bf16-autocast", "fast", True, "bf16", "fast"),
 )
+COMPILE_VARIANT = Variant("+compile", "fast", True, "fp32", "fast", compile=True)
 
 
 # --quick: same block types and kernel sizes as XT, far fewer and narrower blocks.
@@ -98,7 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--reps", type=int, default=2, help="timed rounds after the warm-up round (default 2)")
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
-                    help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS))
+                    help="comma-separated subset of: "
+                    + ", ".join(v.name for v in VARIANTS + (COMPILE_VARIANT,))
+                    + " (default: all but +compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run the +compile variant (minutes of compiling)")
     ap.add_argument("--quick", action="store_true",
                     help="brief smoke run: a reduced architecture (one block per stage, narrow), 64 px, batch 2, "
                          "1 timed round; checks the script, not the speed")
@@ -107,8 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.img, args.batch, args.reps = 64, 2, 1
         args.overrides = QUICK_ARCH
-    known = {v.name: v for v in VARIANTS}
+    known = {v.name: v for v in VARIANTS + (COMPILE_VARIANT,)}
     wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if args.compile and COMPILE_VARIANT.name not in wanted:
+        wanted.append(COMPILE_VARIANT.name)
     unknown = [n for n in wanted if n not in known]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; valid: {', '.join(known)}")
@@ -128,6 +143,8 @@ class Runner:
         self.images = images.contiguous(memory_format=fmt)
         self.targets = targets
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05)
+        self.forward = torch.compile(self.model, dynamic=False) if variant.compile else self.model
+        self.first_step = 0.0
         self.times: list[float] = []
 
     def step(self, keep_grads: bool = False):
@@ -137,7 +154,7 @@ class Runner:
         with backend_env(self.variant):
             start = time.perf_counter()
             with autocast:
-                out = self.model(self.images)
+                out = self.forward(self.images)
             loss = F.cross_entropy(out["main"].float(), self.targets) \
                 + AUX_RATIO * F.cross_entropy(out["aux"].float(), self.targets)
             self.optimizer.zero_grad(set_to_none=True)
@@ -196,6 +213,7 @@ def main(argv=None) -> int:
         for runner in runners:
             loss, grads, elapsed = runner.step(keep_grads=rnd == 0)
             if rnd == 0:
+                runner.first_step = elapsed
                 if runner.variant.name == "baseline":
                     ref_loss, ref_grads = loss, grads
                 else:
@@ -223,6 +241,11 @@ def main(argv=None) -> int:
     print()
     for runner in runners[1:]:
         print(f"RATIO {runner.variant.name} vs baseline: {base / min(runner.times):.2f}x img/s")
+    for runner in runners:
+        if runner.variant.compile:
+            compile_s = runner.first_step - min(runner.times)
+            print(f"COMPILE {runner.variant.name}: first step {runner.first_step:.1f} s "
+                  f"(compile time ~{compile_s:.0f} s), excluded from the timed rounds")
     if failures:
         print("FP32 EXACTNESS FAILED: " + "; ".join(failures))
         return 1

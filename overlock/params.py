@@ -174,6 +174,8 @@ class ComputeParams(_Section):
     threads: int | None = Field(None, ge=1)
     channels_last: bool = False
     contmix_backend: Literal["auto", "gather", "fast", "natten"] = "auto"
+    # torch.compile (inductor) the pretraining model: opt-in, ~10% faster CPU steps after minutes of compiling
+    compile: bool = False
 
 
 class Params(_Section):

@@ -135,8 +135,27 @@ def test_under_cpu_autocast_large_depthwise_convs_run_in_float32(monkeypatch):
     assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
 
 
-def test_channels_last_inputs_take_the_fast_path_only_for_large_kernels():
-    x = torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
-    assert use_fast_depthwise(x, torch.zeros(4, 1, 13, 13), (1, 1), (6, 6), (1, 1), 4)
-    assert not use_fast_depthwise(x, torch.zeros(4, 1, 9, 9), (1, 1), (8, 8), (2, 2), 4)
-    assert use_fast_depthwise(x.contiguous(), torch.zeros(4, 1, 9, 9), (1, 1), (8, 8), (2, 2), 4)
+def test_every_depthwise_kernel_but_3x3_takes_the_fast_path_in_either_layout():
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.zeros(1, 4, 8, 8).contiguous(memory_format=fmt)
+        assert use_fast_depthwise(x, torch.zeros(4, 1, 13, 13), (1, 1), (6, 6), (1, 1), 4)
+        assert use_fast_depthwise(x, torch.zeros(4, 1, 9, 9), (1, 1), (8, 8), (2, 2), 4)
+        assert use_fast_depthwise(x, torch.zeros(4, 1, 5, 5), (1, 1), (2, 2), (1, 1), 4)
+        assert use_fast_depthwise(x, torch.zeros(4, 1, 3, 3), (1, 1), (2, 2), (2, 2), 4)  # dilated 3x3
+        assert not use_fast_depthwise(x, torch.zeros(4, 1, 3, 3), (1, 1), (1, 1), (1, 1), 4)
+
+
+@pytest.mark.parametrize("kernel,dilation", [(9, 2), (3, 7), (7, 1)])
+def test_float32_channels_last_branches_match_including_explicitly_padded_ones(kernel, dilation):
+    """Dilated kernels with padding >= 7 are padded before oneDNN runs them (forward and input grad)."""
+    gen = torch.Generator().manual_seed(kernel + dilation)
+    pad = dilation * (kernel - 1) // 2
+    x = torch.randn(2, 6, 18, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, kernel, kernel, generator=gen)
+    b = torch.randn(6, generator=gen)
+    grad = torch.randn(2, 6, 18, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    ref_out, ref_grads = _reference(x.double(), w.double(), b.double(), pad, dilation, grad.double())
+    out, grads = _fast(x, w, b, pad, dilation, grad)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

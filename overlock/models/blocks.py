@@ -30,10 +30,70 @@ DILATED_BRANCHES: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
-def conv_bn_stem(in_chans: int, embed_dim: int) -> nn.Sequential:
+class FoldingSequential(nn.Sequential):
+    """``nn.Sequential`` that can run conv -> BatchNorm and BatchNorm -> 1x1 conv pairs as one convolution.
+
+    Off by default; ``reparameterize`` (the deploy transform) turns ``fold_batchnorm`` on. Then, in eval
+    mode, each such pair of children runs as a single convolution whose weight and bias have the BN's
+    running statistics folded in, computed on the fly from the current parameters: the state dict (names
+    and values) stays the official one and newly loaded weights need no re-folding. The same function up to
+    float round-off; in training mode and under jit tracing (FLOP counters) the children run one by one.
+    """
+
+    fold_batchnorm: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def run(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """The children ``[:stop]`` applied in order (folding pairs when enabled)."""
+        modules = list(self._modules.values())[:stop]
+        if not self.fold_batchnorm or self.training or torch.jit.is_tracing() or torch.jit.is_scripting():
+            for module in modules:
+                x = module(x)
+            return x
+        i = 0
+        while i < len(modules):
+            following = modules[i + 1] if i + 1 < len(modules) else None
+            fused = _run_folded_pair(modules[i], following, x)
+            if fused is None:
+                x = modules[i](x)
+                i += 1
+            else:
+                x = fused
+                i += 2
+        return x
+
+
+def enable_batchnorm_folding(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Set ``fold_batchnorm`` on every ``FoldingSequential`` in ``model`` (in place; returns it)."""
+    for module in model.modules():
+        if isinstance(module, FoldingSequential):
+            module.fold_batchnorm = enabled
+    return model
+
+
+def _frozen_bn(module) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and not module.training and module.running_var is not None
+
+
+def _run_folded_pair(first: nn.Module, second: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``second(first(x))`` as one convolution when the pair folds, else None."""
+    if _frozen_bn(second):
+        if type(first) is nn.Conv2d and first.padding_mode == "zeros":
+            return first._conv_forward(x, *fuse_conv_bn(first, second))
+        if isinstance(first, DilatedReparamBlock) and first.merged:
+            return depthwise_forward(first.lk_origin, x, *fuse_conv_bn(first.lk_origin, second))
+    if _frozen_bn(first) and type(second) is nn.Conv2d and second.kernel_size == (1, 1) \
+            and second.padding == (0, 0) and second.groups == 1:
+        return second._conv_forward(x, *fuse_bn_conv1x1(first, second))
+    return None
+
+
+def conv_bn_stem(in_chans: int, embed_dim: int) -> FoldingSequential:
     """Four 3x3 conv+BN layers (two of stride 2) taking the image to 1/4 resolution."""
     half = embed_dim // 2
-    return nn.Sequential(
+    return FoldingSequential(
         nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(half),
         nn.GELU(),
@@ -48,9 +108,9 @@ def conv_bn_stem(in_chans: int, embed_dim: int) -> nn.Sequential:
     )
 
 
-def conv_bn_downsample(in_dim: int, out_dim: int) -> nn.Sequential:
+def conv_bn_downsample(in_dim: int, out_dim: int) -> FoldingSequential:
     """Stride-2 3x3 conv + BN between pyramid levels."""
-    return nn.Sequential(
+    return FoldingSequential(
         nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(out_dim),
     )
@@ -92,8 +152,10 @@ class SEModule(nn.Module):
 class LayerScale(nn.Module):
     """Per-channel affine ``x * weight + bias``.
 
-    Stored as a depth-wise 1x1 kernel (``weight`` of shape [C, 1, 1, 1]) like the official release and
-    applied as a grouped convolution, so fvcore counts it exactly as it counts the official model.
+    Stored as a depth-wise 1x1 kernel (``weight`` of shape [C, 1, 1, 1]) like the official release. Under
+    jit tracing (fvcore) it is applied as that grouped convolution, so FLOPs are counted as for the official
+    model; otherwise as one fused multiply-add (``addcmul``): the same value, while PyTorch's CPU grouped
+    1x1 convolution loops over the channels in its backward (hundreds of small ops per call).
     """
 
     def __init__(self, dim: int, init_value: float = 1e-5):
@@ -102,7 +164,10 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        channels = self.bias.shape[0]
+        return torch.addcmul(self.bias.view(1, channels, 1, 1), x, self.weight.view(1, channels, 1, 1))
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -116,8 +181,17 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+GRN_EPS = 1e-6
+
+
 class GRN(nn.Module):
-    """Global Response Normalization (ConvNeXt V2) for NCHW tensors."""
+    """Global Response Normalization (ConvNeXt V2) for NCHW tensors.
+
+    ``(gamma * r + 1) * x + beta`` with ``r`` the spatial L2 norm of each channel over its mean across
+    channels. Runs as one autograd Function (``_GRNFunction``): one pass over ``x`` forward (a fused
+    multiply-add) and a hand-written backward with fewer passes than autograd's; under jit tracing as the
+    plain expression (FLOP counters).
+    """
 
     def __init__(self, dim: int, use_bias: bool = True):
         super().__init__()
@@ -127,28 +201,93 @@ class GRN(nn.Module):
             self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)
-        relative = spatial_norm / (spatial_norm.mean(dim=1, keepdim=True) + 1e-6)
-        out = (self.gamma * relative + 1) * x
-        return out + self.beta if self.use_bias else out
+        beta = self.beta if self.use_bias else None
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)
+            relative = spatial_norm / (spatial_norm.mean(dim=1, keepdim=True) + GRN_EPS)
+            out = (self.gamma * relative + 1) * x
+            return out + beta if beta is not None else out
+        return _GRNFunction.apply(x, self.gamma, beta)
+
+
+class _GRNFunction(torch.autograd.Function):
+    """GRN forward (one fused multiply-add over x) and its gradient, written out:
+    with n = ||x||_HW, m = mean_C(n) + eps, r = n / m, s = gamma * r + 1, y = s * x + beta:
+    dx = g * s + x * dn / n, dn = dr / m - sum_C(dr * n) / (C m^2), dr = gamma * sum_HW(g * x)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, gamma, beta):
+        norm = torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)  # [B, C, 1, 1]
+        denom = norm.mean(dim=1, keepdim=True) + GRN_EPS  # [B, 1, 1, 1]
+        relative = norm / denom
+        scale = gamma * relative + 1
+        out = torch.addcmul(beta, x, scale) if beta is not None else x * scale
+        ctx.save_for_backward(x, gamma, norm, denom, relative, scale)
+        ctx.has_beta = beta is not None
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        x, gamma, norm, denom, relative, scale = ctx.saved_tensors
+        grad_scale = (grad * x).sum(dim=(-2, -1), keepdim=True)  # [B, C, 1, 1]
+        grad_gamma = (grad_scale * relative).sum(dim=0, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_beta = None
+        if ctx.has_beta and ctx.needs_input_grad[2]:
+            grad_beta = grad.sum(dim=(0, 2, 3), keepdim=True)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_rel = grad_scale * gamma
+            grad_norm = grad_rel / denom - (grad_rel * norm).sum(dim=1, keepdim=True) / (
+                denom * denom * x.shape[1])
+            # d||x|| / dx = x / ||x||, taken as 0 where the norm is 0 (as autograd's vector_norm does)
+            per_pixel = torch.where(norm == 0, torch.zeros_like(norm), grad_norm / norm)
+            grad_x = (grad * scale).addcmul_(x, per_pixel)
+        return grad_x, grad_gamma, grad_beta
 
 
 class ResDWConv(nn.Conv2d):
-    """Depth-wise convolution with an identity shortcut: ``x + dwconv(x)``."""
+    """Depth-wise convolution with an identity shortcut: ``x + dwconv(x)``.
+
+    Computed as one convolution whose kernel has 1 added at its centre (the same function; saves a pass
+    over the tensor forward and backward); under jit tracing as the explicit sum, so that FLOP counters
+    see the official structure.
+    """
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return x + super().forward(x)
+        centre = self.kernel_size[0] // 2
+        weight = self.weight.clone()
+        weight[:, :, centre, centre] += 1  # x + conv(x, w) == conv(x, w + identity)
+        return self._conv_forward(x, weight, self.bias)
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn(x) == x * scale + shift`` per channel in eval mode."""
+    scale = 1.0 / (bn.running_var + bn.eps).sqrt()
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    return scale, shift + bn.bias if bn.bias is not None else shift
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel and bias of the single conv equal to ``bn(conv(x))`` in eval mode."""
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias + (conv_bias - bn.running_mean) * scale
+    scale, shift = _bn_scale_shift(bn)
+    conv_bias = conv.bias * scale if conv.bias is not None else 0
+    return conv.weight * scale.reshape(-1, 1, 1, 1), shift + conv_bias
+
+
+def fuse_bn_conv1x1(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of the single 1x1 conv equal to ``conv(bn(x))`` in eval mode (no padding)."""
+    scale, shift = _bn_scale_shift(bn)
+    bias = conv.weight.flatten(1) @ shift
+    return conv.weight * scale.reshape(1, -1, 1, 1), bias + conv.bias if conv.bias is not None else bias
 
 
 def dilated_to_dense_kernel(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -205,7 +344,7 @@ class DilatedReparamBlock(nn.Module):
             return depthwise_forward(self.lk_origin, x)
         out = self.origin_bn(depthwise_forward(self.lk_origin, x))
         for _, conv, bn in self._branches():
-            out = out + bn(depthwise_forward(conv, x))
+            out = out.add_(bn(depthwise_forward(conv, x)))  # in place: BN's backward does not need its output
         return out
 
     @torch.no_grad()
@@ -255,7 +394,7 @@ class RepConvBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         mlp_dim = int(dim * mlp_ratio)
         self.dwconv = ResDWConv(dim, 3)
-        self.proj = nn.Sequential(
+        self.proj = FoldingSequential(
             norm_layer(dim),
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
             nn.BatchNorm2d(dim),
@@ -274,7 +413,7 @@ class RepConvBlock(nn.Module):
         if self.res_scale:
             return self.ls(x) + self.proj(x)
         drop_path = self.proj[-1]
-        return x + drop_path(self.ls(self.proj[:-1](x)))
+        return x + drop_path(self.ls(self.proj.run(x, stop=-1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and x.requires_grad:

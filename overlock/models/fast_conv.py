@@ -1,24 +1,30 @@
-"""Depth-wise convolution with a fast CPU backward for the large kernels of ``DilatedReparamBlock``.
+"""Depth-wise convolution with a fast CPU backward for the kernels of ``DilatedReparamBlock``.
 
-PyTorch's CPU kernels for a depth-wise convolution with a large kernel (17x17 at 56x56, and the dilated
-branches next to it) are slow in two places: the weight gradient (seconds per layer: a direct loop, in
-either memory format) and, for contiguous (NCHW) tensors, the forward pass (the oneDNN kernel only runs
-for channels_last). ``depthwise_conv2d`` computes exactly the same function with other formulations:
+PyTorch's CPU kernels for depth-wise convolutions larger than 3x3 (17x17 at 56x56, and the 5x5, 7x7 and
+dilated branches next to it) are slow in three places: the weight gradient (oneDNN's depth-wise
+backward-weights kernel is a direct loop: 300 ms for 17x17 at 56x56, 8-25 ms for a 5x5-9x9 branch, in either
+memory format), the input gradient of the dilated branches (3-8 ms where the forward takes 0.2-0.7 ms),
+and, for contiguous (NCHW) tensors, the forward pass (the oneDNN kernel only runs for channels_last).
+``depthwise_conv2d`` computes exactly the same function with other formulations:
 
-* forward: the oneDNN convolution in channels_last (tensors converted when needed; the output keeps the
-  input's memory format);
+* forward: the oneDNN channels_last convolution (tensors converted when needed; the output keeps the
+  input's memory format). oneDNN's vectorised depth-wise kernel does not take dilated convolutions with a
+  padding of 7 or more (9x9 dilation 2, 3x3 dilation 7); those get their zero padding explicitly first
+  (28 ms -> 5 ms for 9x9 dilation 2 at 56x56);
 * input gradient: the same forward convolution of the output gradient with the spatially flipped kernel;
-* weight gradient: one batched matrix product per chunk of channels. With the input padded and unfolded
-  along the width only, ``U[c, (h', j), (b, w)] = x_pad[b, c, h', w + j*d]``, the product
-  ``M = U @ g[c, (b, w), h]`` holds every needed sum, and ``grad_w[c, i, j] = sum_h M[c, (h + i*d, j), h]``
-  (a strided diagonal of ``M``). It does ~4x the multiply-adds of the direct sum, in a GEMM.
+* weight gradient: itself a depth-wise convolution, with the output gradient as the kernel:
+  ``grad_w[c, i, j] = sum_b sum_{h,w} x_pad[b, c, h + i*d, w + j*d] * g[b, c, h, w]`` is, for every
+  (b, c) pair as one channel, the correlation of the padded input with the H x W kernel ``g[b, c]`` at
+  stride ``d``, a K x K output; summed over b. Exactly the multiply-adds of the direct sum, through
+  oneDNN's vectorised depth-wise kernel (17x17 at 56x56: 25 ms instead of 300 ms).
 
 Every formulation is a re-ordering of the same sums: float64 results equal PyTorch's to round-off
 (``tests/test_fast_conv.py`` checks 1e-6 in float64 and fp32 to ~1e-5 relative). Only stride 1,
 ``groups == channels`` and symmetric zero padding are handled (what the model uses); ``use_fast_depthwise``
-tells whether a call qualifies. Off CPU the plain ``F.conv2d`` is used. Under CPU autocast,
-``depthwise_forward`` runs these convolutions in the weights' dtype (fp32): PyTorch's bf16 depth-wise
-kernels are slower than its fp32 ones on CPU (measured in ``benchmarks/RESULTS.md``).
+tells whether a call qualifies (3x3 kernels without dilation stay with PyTorch, whose kernels are fast
+there). Off CPU the plain ``F.conv2d`` is used. Under CPU autocast, ``depthwise_forward`` runs these
+convolutions in the weights' dtype (fp32): PyTorch's bf16 depth-wise kernels are slower than its fp32 ones
+on CPU (measured in ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -27,20 +33,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["depthwise_conv2d", "depthwise_forward", "use_fast_depthwise", "DWCONV_ENV_VAR", "MIN_FAST_KERNEL",
-           "MIN_FAST_KERNEL_CHANNELS_LAST"]
+__all__ = ["depthwise_conv2d", "depthwise_forward", "use_fast_depthwise", "DWCONV_ENV_VAR", "MIN_FAST_KERNEL"]
 
-# Kernels at least this large (after dilation) take the fast path; 3x3 layers stay with PyTorch.
+# Kernels spanning at least this many pixels (after dilation) take the fast path; 3x3 layers stay with
+# PyTorch (its oneDNN 3x3 backward is as fast as the forward).
 MIN_FAST_KERNEL = 5
-# For channels_last inputs PyTorch's own (oneDNN) path is competitive up to ~9x9 (and for the dilated
-# branches): only kernels of at least this many taps per side take the fast path (13x13: ~2x, 17x17: ~3x).
-MIN_FAST_KERNEL_CHANNELS_LAST = 11
-# Bound on the unfolded input per channel chunk of the weight gradient (elements).
-_UNFOLD_BUDGET = 8 * 1024 * 1024
+# Dilated convolutions with at least this much padding miss oneDNN's vectorised depth-wise kernel
+# (measured: 9x9 d2 and 3x3 d7 fall back to a ~6x slower path; 7x7 d2, 3x3 d5 and 17x17 d1 do not).
+_PREPAD_MIN_PADDING = 7
 
 
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
-    """Whether ``depthwise_conv2d`` handles this convolution (CPU, depth-wise, stride 1, 'same' padding)."""
+    """Whether ``depthwise_conv2d`` handles this convolution (CPU, depth-wise, stride 1, 'same' padding,
+    spanning at least ``MIN_FAST_KERNEL`` pixels)."""
     if x.device.type != "cpu" or x.dim() != 4 or groups != x.shape[1] or weight.shape[0] != groups:
         return False
     if weight.shape[1] != 1 or tuple(stride) != (1, 1) or isinstance(padding, str):
@@ -50,8 +55,6 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     span_h, span_w = dh * (kh - 1), dw * (kw - 1)
     if not (kh == kw and ph == pw and dh == dw and span_h == 2 * ph and span_w == 2 * pw):
         return False
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return kh >= MIN_FAST_KERNEL_CHANNELS_LAST  # oneDNN's own backward wins for the smaller kernels
     return span_h + 1 >= MIN_FAST_KERNEL
 
 
@@ -67,34 +70,24 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _forward_cl(x: torch.Tensor, weight: torch.Tensor, bias, padding: int, dilation: int) -> torch.Tensor:
     """The convolution run in channels_last (oneDNN), returned in the memory format of ``x``."""
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = F.conv2d(x.contiguous(memory_format=torch.channels_last),
-                   weight.contiguous(memory_format=torch.channels_last), bias,
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    if dilation > 1 and padding >= _PREPAD_MIN_PADDING:
+        x_cl, padding = F.pad(x_cl, (padding,) * 4), 0  # keeps channels_last
+    out = F.conv2d(x_cl, weight.contiguous(memory_format=torch.channels_last), bias,
                    padding=padding, dilation=dilation, groups=x.shape[1])
     return out.contiguous(memory_format=fmt)
 
 
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: int, padding: int, dilation: int) -> torch.Tensor:
-    """grad_w[c, 0, i, j] = sum_{b,h,w} x_pad[b, c, h + i*d, w + j*d] * grad[b, c, h, w] (see module doc)."""
+    """grad_w[c, 0, i, j] = sum_{b,h,w} x_pad[b, c, h + i*d, w + j*d] * grad[b, c, h, w] (see module doc):
+    a depth-wise convolution over the B*C (batch, channel) pairs with ``grad`` as the H x W kernels."""
     batch, channels, height, width = x.shape
-    x_pad = F.pad(x, (padding,) * 4)
-    padded_h = height + 2 * padding
-    per_channel = batch * padded_h * width * kernel
-    chunk = max(1, min(channels, _UNFOLD_BUDGET // max(per_channel, 1)))
-    out = []
-    for c0 in range(0, channels, chunk):
-        c1 = min(channels, c0 + chunk)
-        xs = x_pad[:, c0:c1]  # [B, c, Hp, Wp]
-        # [B, c, Hp, W, K] view: unfold along the width with the dilation as the step
-        unfolded = xs.unfold(3, dilation * (kernel - 1) + 1, 1)[..., ::dilation]
-        u = unfolded.permute(1, 2, 4, 0, 3).reshape(c1 - c0, padded_h * kernel, batch * width)
-        g = grad[:, c0:c1].permute(1, 0, 3, 2).reshape(c1 - c0, batch * width, height)
-        m = torch.bmm(u, g)  # [c, Hp*K, H]: m[c, h'*K + j, h]
-        # strided diagonal: element (c, i, j, h) at h'= h + i*d -> offset (h + i*d)*K*H + j*H + h
-        diag = m.as_strided((c1 - c0, kernel, kernel, height),
-                            (m.stride(0), dilation * kernel * height, height, kernel * height + 1),
-                            m.storage_offset())
-        out.append(diag.sum(-1))
-    return torch.cat(out, 0).unsqueeze(1)
+    pairs = batch * channels
+    # [1, B*C, H, W] in channels_last (memory [H, W, B, C]), the layout oneDNN's depth-wise kernel runs in
+    image = x.permute(2, 3, 0, 1).reshape(1, height, width, pairs).permute(0, 3, 1, 2)
+    kernels = grad.reshape(pairs, 1, height, width)
+    out = F.conv2d(image, kernels, stride=dilation, padding=padding, groups=pairs)  # [1, B*C, K, K]
+    return out.view(batch, channels, kernel, kernel).sum(0).unsqueeze(1)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -114,8 +107,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             flipped = weight.flip(-1, -2)
             grad_x = _forward_cl(grad_out, flipped, None, ctx.padding, ctx.dilation).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(x.contiguous(), grad_out.contiguous(), weight.shape[-1], ctx.padding,
-                                  ctx.dilation).to(weight.dtype)
+            grad_w = _weight_grad(x, grad_out, weight.shape[-1], ctx.padding, ctx.dilation).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3)).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -124,23 +116,27 @@ class _DepthwiseConv2d(torch.autograd.Function):
 DWCONV_ENV_VAR = "OVERLOCK_DWCONV_BACKEND"
 
 
-def depthwise_forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def depthwise_forward(conv: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x)`` for a depth-wise ``nn.Conv2d``, through ``depthwise_conv2d`` when it qualifies.
 
+    ``weight``/``bias`` replace the layer's own (e.g. with a BatchNorm folded in); both or neither.
     ``$OVERLOCK_DWCONV_BACKEND`` (read per call): ``fast`` (default) or ``torch`` (always ``conv(x)``).
     """
+    if weight is None:
+        weight, bias = conv.weight, conv.bias
     backend = os.environ.get(DWCONV_ENV_VAR, "") or "fast"
     if backend not in ("fast", "torch"):
         raise ValueError(f"unknown depth-wise conv backend {backend!r} (from ${DWCONV_ENV_VAR}); "
                          f"valid: fast, torch")
     if backend != "fast" or torch.jit.is_tracing() or torch.jit.is_scripting() or conv.padding_mode != "zeros" \
-            or not use_fast_depthwise(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
-        return conv(x)  # also under jit tracing, so that fvcore & co. count the convolution
+            or not use_fast_depthwise(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups):
+        return conv._conv_forward(x, weight, bias)  # also under jit tracing, so that fvcore & co. count it
     if torch.is_autocast_enabled("cpu"):
         # bf16 depth-wise kernels are slower than fp32 ones on CPU (no AMX/GEMM to gain): run them in the
         # weights' dtype, outside autocast (also the more accurate choice)
         with torch.autocast("cpu", enabled=False):
-            return depthwise_forward(conv, x.to(conv.weight.dtype))
+            return depthwise_forward(conv, x.to(weight.dtype), weight, bias)
     if not torch.is_grad_enabled():
-        return _forward_cl(x, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
-    return depthwise_conv2d(x, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
+        return _forward_cl(x, weight, bias, conv.padding[0], conv.dilation[0])
+    return depthwise_conv2d(x, weight, bias, conv.padding[0], conv.dilation[0])

@@ -31,6 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from .blocks import (
     ContextDownsample,
     DilatedReparamBlock,
+    FoldingSequential,
     GRN,
     LayerNorm2d,
     LayerScale,
@@ -39,6 +40,7 @@ from .blocks import (
     SEModule,
     conv_bn_downsample,
     conv_bn_stem,
+    enable_batchnorm_folding,
 )
 from .checkpoint import normalize_state_dict
 from .contmix import na2d_av
@@ -165,25 +167,27 @@ class DynamicConvBlock(nn.Module):
             self.h_scale = LayerScale(ctx_dim, init_value=1)
         self.dwconv1 = ResDWConv(out_dim, 3)
         self.norm1 = norm_layer(out_dim)
-        self.fusion = nn.Sequential(
+        self.fusion = FoldingSequential(
             nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim),
             nn.BatchNorm2d(out_dim),
             nn.GELU(),
             nn.Conv2d(out_dim, dim, 1),
             GRN(dim),
         )
-        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
-        self.weight_key = nn.Sequential(
+        self.weight_query = FoldingSequential(nn.Conv2d(dim, dim // 2, 1, bias=False),
+                                              nn.BatchNorm2d(dim // 2))
+        self.weight_key = FoldingSequential(
             nn.AdaptiveAvgPool2d(CONTEXT_POOL_SIZE),
             nn.Conv2d(ctx_dim, dim // 2, 1, bias=False),
             nn.BatchNorm2d(dim // 2),
         )
         self.weight_proj = nn.Conv2d(CONTEXT_POOL_SIZE ** 2, kernel_size ** 2 + smk_size ** 2, 1)
-        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
+        self.dyconv_proj = FoldingSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.lepe = FoldingSequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy),
+                                      nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.gate = FoldingSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = FoldingSequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
         self.dwconv2 = ResDWConv(out_dim, 3)
         self.norm2 = norm_layer(out_dim)
         self.mlp = nn.Sequential(
@@ -442,7 +446,7 @@ class OverLoCK(_OverLoCKTrunk):
                 nn.AdaptiveAvgPool2d(1),
                 nn.Conv2d(embed_dim[-1], num_classes, 1) if num_classes > 0 else nn.Identity(),
             )
-        self.head = nn.Sequential(
+        self.head = FoldingSequential(
             nn.Conv2d(self.fusion_dim, projection, 1, bias=False),
             nn.BatchNorm2d(projection),
             nn.SiLU(),
@@ -572,15 +576,20 @@ class OverLoCKBackbone(_OverLoCKTrunk):
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """Merge the dilated branches and their BNs of every ``DilatedReparamBlock`` in ``model`` (in place).
+    """Deploy form (in place): merge the dilated branches and their BNs of every ``DilatedReparamBlock``
+    into one large kernel, and fold the remaining BatchNorms into their neighbouring convolutions in eval
+    mode.
 
-    Works on the classifier, the dense backbone or any module containing them (e.g. a detector). Eval-mode
-    outputs are unchanged up to float round-off. Returns ``model``.
+    The merge is structural (the official re-parameterization: the same state dict as the official deploy
+    model); the remaining folds (conv -> BN, BN -> 1x1 conv, see ``FoldingSequential``) are computed on the
+    fly in eval mode, so the state dict keeps every BatchNorm. Works on the classifier, the dense backbone
+    or any module containing them (e.g. a detector). Eval-mode outputs are unchanged up to float round-off.
+    Returns ``model``.
     """
     for m in list(model.modules()):
         if isinstance(m, DilatedReparamBlock):
             m.merge_dilated_branches()
-    return model
+    return enable_batchnorm_folding(model)
 
 
 def create_overlock(size: str, *, dense: bool = False, **overrides) -> nn.Module:

@@ -194,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     criterion = recipe.build_loss(p, mixup)
 
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # broadcasts rank 0's weights
+    if params.compute.compile:  # opt-in; the first steps pay the compile time (benchmarks/RESULTS.md)
+        ddp_model = torch.compile(ddp_model)
     ema = recipe.build_ema(p, model)
     start_epoch, step, history, best = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
