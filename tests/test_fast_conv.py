@@ -10,12 +10,7 @@ from overlock.models.blocks import DilatedReparamBlock
 from overlock.models.fast_conv import DWCONV_ENV_VAR, depthwise_conv2d, depthwise_forward, use_fast_depthwise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _reference(x, w, b, padding, dilation, grad):

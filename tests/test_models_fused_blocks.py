@@ -13,12 +13,7 @@ import torch.nn.functional as F
 from overlock.models.blocks import GRN, LayerScale, ResDWConv, _GRNFunction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _plain_grn(x, gamma, beta):
