@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from overlock.compute import repo_root
 from overlock.params import Params
 
@@ -28,6 +30,19 @@ def stage_state_dir(stage: str, params: Params, sections: tuple[str, ...], extra
     path = (root or repo_root()) / STATE_ROOT / stage / key
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_digest(path: Path, algo: str = "md5") -> str:
+    """Hex digest (``md5``, ``sha256``, ...) of a file, read in chunks, with a progress bar for large files."""
+    chunk_size = 8 << 20
+    h = hashlib.new(algo)
+    size = Path(path).stat().st_size
+    with Path(path).open("rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"{algo} {Path(path).name}",
+                                           disable=None if size > 32 * chunk_size else True, leave=False) as bar:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

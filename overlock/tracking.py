@@ -28,6 +28,7 @@ import yaml
 
 from overlock.compute import repo_root
 from overlock.params import Params
+from overlock.state import file_digest
 
 LAST_STAGE = "evaluate"
 TAG_KEY = "overlock.pipeline_key"
@@ -91,14 +92,6 @@ def pipeline_key(root: Path | None = None) -> str:
     return f"git:{commit[:12]}:params:{digest}"
 
 
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def stage_input_hashes(stage: str, root: Path | None = None) -> dict[str, str]:
     """md5 of each dep of ``stage`` in dvc.yaml: from dvc.lock (upstream outs) or computed for files."""
     root = root or repo_root()
@@ -118,7 +111,7 @@ def stage_input_hashes(stage: str, root: Path | None = None) -> dict[str, str]:
         if dep in known:
             hashes[dep] = known[dep]
         elif (root / dep).is_file():
-            hashes[dep] = _file_md5(root / dep)
+            hashes[dep] = file_digest(root / dep)
     return hashes
 
 

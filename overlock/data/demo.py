@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import colorsys
 import gzip
-import hashlib
 import io
 import json
 import math
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from overlock.data.sources import DEMO_ARCHIVES
+from overlock.state import file_digest
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "hexagon", "bar")
 COLOURS = ("red", "orange", "yellow", "lime", "green", "cyan", "blue", "purple", "magenta", "pink")
@@ -323,15 +323,7 @@ def write_demo_coco(demo, seed: int, out_dir: Path) -> list[Path]:
     return write_coco_archives(out_dir, splits, DEMO_ARCHIVES["demo_coco"])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_demo_archives(name: str, demo, seed: int, out_dir: Path) -> dict[str, str]:
     """Generate the archives of demo dataset ``name`` (demo | demo_coco); return file name -> sha256."""
     writer = {"demo": write_demo_classification, "demo_coco": write_demo_coco}[name]
-    return {p.name: sha256_file(p) for p in writer(demo, seed, Path(out_dir))}
+    return {p.name: file_digest(p, "sha256") for p in writer(demo, seed, Path(out_dir))}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from overlock.data import demo
 from overlock.data.sources import (DEMO_ARCHIVES, LOGIN_REQUIRED, ArchiveSpec, published_archives,
                                    published_specs, selected_datasets)
-from overlock.state import STATE_ROOT, read_json, write_json_atomic
+from overlock.state import STATE_ROOT, file_digest, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
@@ -51,18 +51,6 @@ class _Retryable(Exception):
 
 
 # ------------------------------------------------------------------------------------------ checksums
-def file_digest(path: Path, algo: str) -> str:
-    """Hex digest (md5 or sha256) of a file, with a progress bar for large files."""
-    h = hashlib.new(algo)
-    size = Path(path).stat().st_size
-    with Path(path).open("rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"{algo} {Path(path).name}",
-                                           disable=None if size > 256 * CHUNK else True, leave=False) as bar:
-        for chunk in iter(lambda: fh.read(8 * CHUNK), b""):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
-
-
 class VerifiedFiles:
     """Remembers files whose checksum matched, keyed by real path, size and mtime (re-hashing 140 GB is slow)."""
 

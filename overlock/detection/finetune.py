@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from overlock.compute import repo_root
 from overlock.detection.config import build_detection_config, coco_files
 from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
 from overlock.params import Params
-from overlock.state import read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
+from overlock.state import file_digest, read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
 from overlock.tracking import StageRun, attach_run, write_metrics_file
 
 log = logging.getLogger(__name__)
@@ -50,14 +49,6 @@ COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def _file_digest(path: Path) -> str:
-    h = hashlib.md5()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _init_source(params: Params, classifier: Path) -> Path | None:
     ft = params.finetune
     if ft.mode == "evaluate" or ft.init == "checkpoint":
@@ -90,10 +81,10 @@ def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, tupl
 
 def _state_dir(params: Params, data: Path, classifier: Path) -> Path:
     files = coco_files(Path(data))
-    extra = [_file_digest(Path(files[s][0])) for s in ("train", "val") if Path(files[s][0]).is_file()]
+    extra = [file_digest(Path(files[s][0])) for s in ("train", "val") if Path(files[s][0]).is_file()]
     source = _init_source(params, classifier)
     if source is not None and source.is_file():
-        extra.append(_file_digest(source))
+        extra.append(file_digest(source))
     return stage_state_dir("finetune", params, STATE_SECTIONS, extra="|".join(extra))
 
 
