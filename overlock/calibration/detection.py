@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from overlock.calibration.metrics import binary_calibration, reliability_bins
+from overlock.calibration.temperature import minimise_over_temperature
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,8 @@ class ScoreCalibrator:
             )
         if method == "temperature":
             z, y = _logit(scores), torch.as_tensor(correct, dtype=torch.float64)
-            log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                loss = F.binary_cross_entropy_with_logits(z / log_t.exp(), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            return cls(method, temperature=float(log_t.detach().exp()))
+            temperature = minimise_over_temperature(lambda t: F.binary_cross_entropy_with_logits(z / t, y), max_iter)
+            return cls(method, temperature=temperature)
         if method == "isotonic":
             from sklearn.isotonic import IsotonicRegression
 

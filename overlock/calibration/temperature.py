@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,24 @@ def check_fit_split(split: str) -> None:
         raise ValueError(f"unknown calibration split {split!r}; fit on one of: {', '.join(FIT_SPLITS)}")
 
 
+def minimise_over_temperature(loss_at: Callable[[torch.Tensor], torch.Tensor], max_iter: int = 200) -> float:
+    """The ``T > 0`` minimising ``loss_at(T)``: L-BFGS (strong-Wolfe line search, float64) on ``log T`` from T = 1.
+
+    lr=1 lets the line search take full steps (a few loss evaluations; see benchmarks/RESULTS.md).
+    """
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_at(log_t.exp())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, split: str, max_iter: int = 200) -> float:
     """Fit ``T > 0`` minimising ``NLL(logits / T, labels)`` with L-BFGS on ``log T``; return ``T``.
 
@@ -55,17 +74,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, split: str, m
         raise ValueError(
             "logits contain NaN/inf: the classifier checkpoint is broken (retrain: dvc repro pretrain)"
         )
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature = float(log_t.detach().exp())
+    temperature = minimise_over_temperature(lambda t: F.cross_entropy(logits / t, labels), max_iter)
     if not math.isfinite(temperature) or temperature <= 0:
         raise RuntimeError(f"temperature fit diverged (T={temperature}); check the calibration split labels")
     return temperature
