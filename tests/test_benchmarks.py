@@ -44,5 +44,6 @@ def test_train_step_benchmark_quick_reports_ratios_and_fp32_exactness():
 def test_inference_benchmark_quick_reports_ratios():
     out = _run_quick("inference.py")
     assert re.search(r"^RATIO reparam channels_last vs plain torch-dw: \d+\.\d+x img/s at batch 4$", out, re.M), out
+    assert re.search(r"^RATIO reparam channels_last vs plain: \d+\.\d+x img/s at batch 4$", out, re.M), out
     assert re.search(r"^RATIO reparam channels_last bf16 vs plain torch-dw: \d+\.\d+x batch-1 latency$", out, re.M), out
     assert "fp32 rows agree with the plain model" in out

@@ -151,6 +151,19 @@ def test_low_precision_smoke(dtype, tol, backend):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", ["fast", "gather", "unfold"])
+def test_index_caches_built_under_inference_mode_still_serve_autograd(backend):
+    """A first call under torch.inference_mode (a throughput measurement) must not leave inference tensors
+    in the shared index caches, which a later call with autograd (Grad-CAM, training) saves for backward."""
+    contmix._INDEX_CACHE.clear()
+    attn, value, grad = _inputs(8, 13, 5)
+    with torch.inference_mode():
+        na2d_av(attn.detach(), value.detach(), 5, backend=backend)
+    out = na2d_av(attn, value, 5, backend=backend)
+    out.backward(grad)
+    assert attn.grad is not None and value.grad is not None
+
+
 def test_attn_is_cast_to_value_dtype():
     attn, value, _ = _inputs(6, 6, 3)
     out = na2d_av(attn.detach().float(), value.detach(), 3, backend="fast")

@@ -140,14 +140,14 @@ def _count_bn_calls(model, x):
 
 
 def test_reparameterize_folds_the_remaining_batchnorms_in_eval_with_the_same_outputs_and_state_dict():
-    from overlock.models.blocks import enable_batchnorm_folding
+    from overlock.models.blocks import enable_inference_fusion
 
     model = _tiny_with_trained_bn_stats()
     x = torch.randn(2, 3, 64, 80, dtype=torch.float64)
     model.reparameterize(remove_aux_head=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     folded, folded_calls = _count_bn_calls(model, x)
-    enable_batchnorm_folding(model, False)
+    enable_inference_fusion(model, False)
     plain, plain_calls = _count_bn_calls(model, x)
     torch.testing.assert_close(folded, plain, rtol=0, atol=1e-12)
     assert plain_calls > 20 and folded_calls == 0  # every BN of the deploy model sits next to a conv
@@ -161,8 +161,8 @@ def test_folding_is_off_in_training_mode_where_batchnorm_uses_batch_statistics()
     model.train()
     out, calls = _count_bn_calls(model, x)
     assert calls > 20
-    from overlock.models.blocks import enable_batchnorm_folding
+    from overlock.models.blocks import enable_inference_fusion
 
-    enable_batchnorm_folding(model, False)
+    enable_inference_fusion(model, False)
     ref = model(x)
     torch.testing.assert_close(out["main"], ref["main"], rtol=0, atol=1e-12)

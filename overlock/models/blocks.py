@@ -7,7 +7,7 @@ load both ways without renaming.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,70 +30,81 @@ DILATED_BRANCHES: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
-class FoldingSequential(nn.Sequential):
-    """``nn.Sequential`` that can run conv -> BatchNorm and BatchNorm -> 1x1 conv pairs as one convolution.
+class Shortcut(NamedTuple):
+    """A residual branch's shortcut ``x * scale + shift`` (per channel; ``None``: 1 and 0), for chains that
+    add it inside their last convolution/GEMM (``FusibleSequential.run(..., shortcut=...)``)."""
 
-    Off by default; ``reparameterize`` (the deploy transform) turns ``fold_batchnorm`` on. Then, in eval
-    mode, each such pair of children runs as a single convolution whose weight and bias have the BN's
-    running statistics folded in, computed on the fly from the current parameters: the state dict (names
-    and values) stays the official one and newly loaded weights need no re-folding. The same function up to
-    float round-off; in training mode and under jit tracing (FLOP counters) the children run one by one.
+    x: torch.Tensor
+    scale: torch.Tensor | None = None  # [C]
+    shift: torch.Tensor | None = None  # [C]
+
+    def value(self) -> torch.Tensor:
+        """The shortcut as a tensor."""
+        view = (1, -1, 1, 1)
+        if self.scale is not None and self.shift is not None:
+            return torch.addcmul(self.shift.view(view), self.x, self.scale.view(view))
+        out = self.x if self.scale is None else self.x * self.scale.view(view)
+        return out if self.shift is None else out + self.shift.view(view)
+
+
+def shortcut_of(layer_scale: nn.Module, x: torch.Tensor) -> Shortcut:
+    """``layer_scale(x)`` (a ``LayerScale`` or ``nn.Identity``) as a ``Shortcut``."""
+    if isinstance(layer_scale, LayerScale):
+        return Shortcut(x, layer_scale.weight.view(-1), layer_scale.bias)
+    if isinstance(layer_scale, nn.Identity):
+        return Shortcut(x)
+    raise TypeError(f"no Shortcut form for {type(layer_scale).__name__}")
+
+
+class FusibleSequential(nn.Sequential):
+    """``nn.Sequential`` that, in the deploy form, runs chains of its children as fewer passes.
+
+    Off by default; ``reparameterize`` (the deploy transform) turns ``fuse_for_inference`` on. Then, in eval
+    mode, conv -> BatchNorm -> activation, BatchNorm -> 1x1 conv and GRN -> 1x1 conv chains run as single
+    convolutions/GEMMs, and a residual shortcut is added inside the last one
+    (``overlock.models.inference_fusion``); kernels are computed on the fly from the current parameters: the
+    state dict (names and values) stays the official one and newly loaded weights need no re-folding. The
+    same function up to float round-off; in training mode and under jit tracing (FLOP counters) the children
+    run one by one.
     """
 
-    fold_batchnorm: bool = False
+    fuse_for_inference: bool = False
+
+    @property
+    def fusing(self) -> bool:
+        """Whether calls run fused now (enabled, eval mode, not traced)."""
+        return (self.fuse_for_inference and not self.training and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
-    def run(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
-        """The children ``[:stop]`` applied in order (folding pairs when enabled)."""
+    def run(self, x: torch.Tensor, stop: int | None = None, shortcut: Shortcut | None = None) -> torch.Tensor:
+        """The children ``[:stop]`` applied in order (fused chains when enabled), plus ``shortcut`` if given."""
         modules = list(self._modules.values())[:stop]
-        if not self.fold_batchnorm or self.training or torch.jit.is_tracing() or torch.jit.is_scripting():
-            for module in modules:
-                x = module(x)
-            return x
-        i = 0
-        while i < len(modules):
-            following = modules[i + 1] if i + 1 < len(modules) else None
-            fused = _run_folded_pair(modules[i], following, x)
-            if fused is None:
-                x = modules[i](x)
-                i += 1
-            else:
-                x = fused
-                i += 2
-        return x
+        if self.fusing:
+            from .inference_fusion import run_fused  # local: inference_fusion imports this module
+
+            return run_fused(modules, x, shortcut, cache=self.__dict__.setdefault("_folded_kernels", {}))
+        for module in modules:
+            x = module(x)
+        return x + shortcut.value() if shortcut is not None else x
 
 
-def enable_batchnorm_folding(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Set ``fold_batchnorm`` on every ``FoldingSequential`` in ``model`` (in place; returns it)."""
+def enable_inference_fusion(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Set ``fuse_for_inference`` on every ``FusibleSequential`` in ``model`` and empty their caches of folded
+    kernels (in place; returns it)."""
     for module in model.modules():
-        if isinstance(module, FoldingSequential):
-            module.fold_batchnorm = enabled
+        if isinstance(module, FusibleSequential):
+            module.fuse_for_inference = enabled
+            module.__dict__.pop("_folded_kernels", None)
     return model
 
 
-def _frozen_bn(module) -> bool:
-    return isinstance(module, nn.BatchNorm2d) and not module.training and module.running_var is not None
-
-
-def _run_folded_pair(first: nn.Module, second: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``second(first(x))`` as one convolution when the pair folds, else None."""
-    if _frozen_bn(second):
-        if type(first) is nn.Conv2d and first.padding_mode == "zeros":
-            return first._conv_forward(x, *fuse_conv_bn(first, second))
-        if isinstance(first, DilatedReparamBlock) and first.merged:
-            return depthwise_forward(first.lk_origin, x, *fuse_conv_bn(first.lk_origin, second))
-    if _frozen_bn(first) and type(second) is nn.Conv2d and second.kernel_size == (1, 1) \
-            and second.padding == (0, 0) and second.groups == 1:
-        return second._conv_forward(x, *fuse_bn_conv1x1(first, second))
-    return None
-
-
-def conv_bn_stem(in_chans: int, embed_dim: int) -> FoldingSequential:
+def conv_bn_stem(in_chans: int, embed_dim: int) -> FusibleSequential:
     """Four 3x3 conv+BN layers (two of stride 2) taking the image to 1/4 resolution."""
     half = embed_dim // 2
-    return FoldingSequential(
+    return FusibleSequential(
         nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(half),
         nn.GELU(),
@@ -108,9 +119,9 @@ def conv_bn_stem(in_chans: int, embed_dim: int) -> FoldingSequential:
     )
 
 
-def conv_bn_downsample(in_dim: int, out_dim: int) -> FoldingSequential:
+def conv_bn_downsample(in_dim: int, out_dim: int) -> FusibleSequential:
     """Stride-2 3x3 conv + BN between pyramid levels."""
-    return FoldingSequential(
+    return FusibleSequential(
         nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(out_dim),
     )
@@ -210,6 +221,27 @@ class GRN(nn.Module):
         return _GRNFunction.apply(x, self.gamma, beta)
 
 
+def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every channel over H, W of an NCHW tensor: [B, C, 1, 1].
+
+    For a channels_last tensor, computed per sample as the column sums of squares of its [H*W, C] rows:
+    PyTorch's norm kernel reduces channels_last tensors over H, W 5-15x slower than contiguous ones
+    (measured at the OverLoCK-XT GRN shapes, benchmarks/RESULTS.md).
+    """
+    batch, channels = x.shape[:2]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # a view
+        squares = torch.stack([sample.square().sum(dim=0) for sample in rows.unbind(0)])
+        return squares.sqrt_().view(batch, channels, 1, 1)
+    return torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)
+
+
+def grn_response_scale(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """GRN's multiplier ``gamma * r + 1`` [B, C, 1, 1] of an NCHW tensor (``r``: relative spatial L2 norm)."""
+    norm = spatial_l2_norm(x)
+    return gamma * (norm / (norm.mean(dim=1, keepdim=True) + GRN_EPS)) + 1
+
+
 class _GRNFunction(torch.autograd.Function):
     """GRN forward (one fused multiply-add over x) and its gradient, written out:
     with n = ||x||_HW, m = mean_C(n) + eps, r = n / m, s = gamma * r + 1, y = s * x + beta:
@@ -218,7 +250,7 @@ class _GRNFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, gamma, beta):
-        norm = torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)  # [B, C, 1, 1]
+        norm = spatial_l2_norm(x)  # [B, C, 1, 1]
         denom = norm.mean(dim=1, keepdim=True) + GRN_EPS  # [B, 1, 1, 1]
         relative = norm / denom
         scale = gamma * relative + 1
@@ -261,10 +293,14 @@ class ResDWConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             return x + super().forward(x)
+        return self._conv_forward(x, self.fused_weight(), self.bias)
+
+    def fused_weight(self) -> torch.Tensor:
+        """The kernel with the identity added at its centre: ``x + conv(x, w) == conv(x, w + identity)``."""
         centre = self.kernel_size[0] // 2
         weight = self.weight.clone()
-        weight[:, :, centre, centre] += 1  # x + conv(x, w) == conv(x, w + identity)
-        return self._conv_forward(x, weight, self.bias)
+        weight[:, :, centre, centre] += 1
+        return weight
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,11 +312,15 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift + bn.bias if bn.bias is not None else shift
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of the single conv equal to ``bn(conv(x))`` in eval mode."""
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of the single conv equal to ``bn(conv(x))`` in eval mode (``weight``/``bias``: the
+    conv's effective kernel and bias when not its own parameters)."""
+    if weight is None:
+        weight, bias = conv.weight, conv.bias
     scale, shift = _bn_scale_shift(bn)
-    conv_bias = conv.bias * scale if conv.bias is not None else 0
-    return conv.weight * scale.reshape(-1, 1, 1, 1), shift + conv_bias
+    conv_bias = bias * scale if bias is not None else 0
+    return weight * scale.reshape(-1, 1, 1, 1), shift + conv_bias
 
 
 def fuse_bn_conv1x1(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +434,7 @@ class RepConvBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         mlp_dim = int(dim * mlp_ratio)
         self.dwconv = ResDWConv(dim, 3)
-        self.proj = FoldingSequential(
+        self.proj = FusibleSequential(
             norm_layer(dim),
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
             nn.BatchNorm2d(dim),
@@ -410,6 +450,8 @@ class RepConvBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
+        if self.res_scale and self.proj.fusing:  # deploy form: the shortcut added inside fc2 (drop path: eval)
+            return self.proj.run(x, stop=-1, shortcut=shortcut_of(self.ls, x))
         if self.res_scale:
             return self.ls(x) + self.proj(x)
         drop_path = self.proj[-1]

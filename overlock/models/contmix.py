@@ -365,7 +365,9 @@ _INDEX_CACHE: dict = {}
 
 
 def _cached(key, device: torch.device, build: Callable):
-    """Index tensors per (geometry, device); rebuilt inside torch.compile tracing (they become constants)."""
+    """Index tensors per (geometry, device); rebuilt inside torch.compile tracing (they become constants).
+    Built as normal tensors even under ``torch.inference_mode`` (an inference tensor in the cache would break
+    every later call that records autograd, e.g. Grad-CAM after a throughput measurement)."""
     if torch.compiler.is_compiling():
         return build()
     full_key = key + (str(device),)
@@ -373,7 +375,8 @@ def _cached(key, device: torch.device, build: Callable):
     if hit is None:
         if len(_INDEX_CACHE) > 256:
             _INDEX_CACHE.clear()
-        hit = _INDEX_CACHE[full_key] = build()
+        with torch.inference_mode(False), torch.no_grad():
+            hit = _INDEX_CACHE[full_key] = build()
     return hit
 
 

@@ -31,7 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from .blocks import (
     ContextDownsample,
     DilatedReparamBlock,
-    FoldingSequential,
+    FusibleSequential,
     GRN,
     LayerNorm2d,
     LayerScale,
@@ -40,7 +40,8 @@ from .blocks import (
     SEModule,
     conv_bn_downsample,
     conv_bn_stem,
-    enable_batchnorm_folding,
+    enable_inference_fusion,
+    shortcut_of,
 )
 from .checkpoint import normalize_state_dict
 from .contmix import na2d_av
@@ -167,30 +168,30 @@ class DynamicConvBlock(nn.Module):
             self.h_scale = LayerScale(ctx_dim, init_value=1)
         self.dwconv1 = ResDWConv(out_dim, 3)
         self.norm1 = norm_layer(out_dim)
-        self.fusion = FoldingSequential(
+        self.fusion = FusibleSequential(
             nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim),
             nn.BatchNorm2d(out_dim),
             nn.GELU(),
             nn.Conv2d(out_dim, dim, 1),
             GRN(dim),
         )
-        self.weight_query = FoldingSequential(nn.Conv2d(dim, dim // 2, 1, bias=False),
+        self.weight_query = FusibleSequential(nn.Conv2d(dim, dim // 2, 1, bias=False),
                                               nn.BatchNorm2d(dim // 2))
-        self.weight_key = FoldingSequential(
+        self.weight_key = FusibleSequential(
             nn.AdaptiveAvgPool2d(CONTEXT_POOL_SIZE),
             nn.Conv2d(ctx_dim, dim // 2, 1, bias=False),
             nn.BatchNorm2d(dim // 2),
         )
         self.weight_proj = nn.Conv2d(CONTEXT_POOL_SIZE ** 2, kernel_size ** 2 + smk_size ** 2, 1)
-        self.dyconv_proj = FoldingSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        self.lepe = FoldingSequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy),
+        self.dyconv_proj = FusibleSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.lepe = FusibleSequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy),
                                       nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = FoldingSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = FoldingSequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.gate = FusibleSequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = FusibleSequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
         self.dwconv2 = ResDWConv(out_dim, 3)
         self.norm2 = norm_layer(out_dim)
-        self.mlp = nn.Sequential(
+        self.mlp = FusibleSequential(
             nn.Conv2d(out_dim, mlp_dim, 1),
             nn.GELU(),
             ResDWConv(mlp_dim, 3),
@@ -220,17 +221,12 @@ class DynamicConvBlock(nn.Module):
 
         heads = self.num_heads
         query, context = fused.split([dim, fused.shape[1] - dim], dim=1)
-        query = self.weight_query(query) * self.scale
+        query = self.weight_query(query)  # scaled in kernel_logits
         key = self.weight_key(context)
         query = query.reshape(batch, heads, -1, height * width).transpose(-2, -1)  # [B, g, HW, c]
         key = key.reshape(batch, heads, -1, CONTEXT_POOL_SIZE ** 2)  # [B, g, c, 49]
-        affinity = torch.matmul(query, key)  # [B, g, HW, 49]
-        logits = F.linear(affinity, self.weight_proj.weight.flatten(1), self.weight_proj.bias)
-        logits = logits.reshape(batch, heads, height, width, -1)
-        small, large = logits.split([self.smk_size ** 2, self.kernel_size ** 2], dim=-1)
-        small = torch.softmax(small + relative_position_bias(self.rpb1, height, width, self.smk_size), dim=-1)
-        large_bias = relative_position_bias(self.rpb2, height, width, self.kernel_size)
-        large = torch.softmax(large + large_bias, dim=-1)
+        small, large = (torch.softmax(logits, dim=-1)
+                        for logits in self.kernel_logits(query, key, (batch, heads, height, width)))
 
         value = value_src.reshape(batch, 2, heads, dim // (2 * heads), height, width)
         value = value.permute(1, 0, 2, 4, 5, 3)  # [2, B, g, H, W, c]
@@ -241,6 +237,34 @@ class DynamicConvBlock(nn.Module):
         out = out.permute(0, 1, 4, 2, 3).reshape(batch, dim, height, width)
         if resized:
             out = F.adaptive_avg_pool2d(out, in_size)
+        return out
+
+    def kernel_logits(self, query: torch.Tensor, key: torch.Tensor, shape: tuple[int, int, int, int]):
+        """Pre-softmax logits of the small and the large dynamic kernel, [B, g, H, W, k*k] each:
+        ``weight_proj(scale * query @ key)`` plus the relative position bias.
+
+        ``query`` [B, g, HW, c], ``key`` [B, g, c, 49]. Computed as ``query @ (key @ scale W^T)``, the same
+        products re-associated (16 query channels per head against 49 affinities: 3x fewer multiply-adds than
+        projecting the [HW, 49] affinities), per kernel (contiguous logits), with weight_proj's bias added
+        together with the position bias; under jit tracing (FLOP counters) in the official order.
+        """
+        batch, heads, height, width = shape
+        sizes = [self.smk_size ** 2, self.kernel_size ** 2]
+        tables = [(self.rpb1, self.smk_size), (self.rpb2, self.kernel_size)]
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            affinity = torch.matmul(query * self.scale, key)
+            logits = F.linear(affinity, self.weight_proj.weight.flatten(1), self.weight_proj.bias)
+            logits = logits.reshape(batch, heads, height, width, -1).split(sizes, dim=-1)
+            return [part + relative_position_bias(table, height, width, size)
+                    for part, (table, size) in zip(logits, tables)]
+        weights = self.weight_proj.weight.flatten(1).split(sizes)
+        biases = self.weight_proj.bias.split(sizes)
+        out = []
+        for weight, bias, (table, size) in zip(weights, biases, tables):
+            projected_key = torch.matmul(key, weight.t() * self.scale)  # [B, g, c, k*k]
+            logits = torch.matmul(query, projected_key).view(batch, heads, height, width, -1)
+            position_bias = relative_position_bias(table, height, width, size) + bias
+            out.append(logits.add_(position_bias))  # in place: matmul's backward needs its inputs only
         return out
 
     def _forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor | None):
@@ -254,13 +278,18 @@ class DynamicConvBlock(nn.Module):
         gate = self.gate(x)
         lepe = self.lepe(x)
         x = self.dyconv_proj(self.context_mixing(x, fused)) + lepe
-        x = self.proj(gate * self.se_layer(x))
-        if self.res_scale:
-            x = self.ls1(shortcut) + self.drop_path(x)
+        x = gate * self.se_layer(x)
+        # deploy form (eval: no drop path): the shortcuts are added inside the last conv of proj / mlp
+        if self.res_scale and self.proj.fusing:
+            x = self.proj.run(x, shortcut=shortcut_of(self.ls1, shortcut))
+        elif self.res_scale:
+            x = self.ls1(shortcut) + self.drop_path(self.proj(x))
         else:
-            x = shortcut + self.drop_path(self.ls1(x))
+            x = shortcut + self.drop_path(self.ls1(self.proj(x)))
         x = self.dwconv2(x)
-        if self.res_scale:
+        if self.res_scale and self.mlp.fusing:
+            x = self.mlp.run(self.norm2(x), shortcut=shortcut_of(self.ls2, x))
+        elif self.res_scale:
             x = self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
         else:
             x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
@@ -446,7 +475,7 @@ class OverLoCK(_OverLoCKTrunk):
                 nn.AdaptiveAvgPool2d(1),
                 nn.Conv2d(embed_dim[-1], num_classes, 1) if num_classes > 0 else nn.Identity(),
             )
-        self.head = FoldingSequential(
+        self.head = FusibleSequential(
             nn.Conv2d(self.fusion_dim, projection, 1, bias=False),
             nn.BatchNorm2d(projection),
             nn.SiLU(),
@@ -577,19 +606,19 @@ class OverLoCKBackbone(_OverLoCKTrunk):
 
 def reparameterize(model: nn.Module) -> nn.Module:
     """Deploy form (in place): merge the dilated branches and their BNs of every ``DilatedReparamBlock``
-    into one large kernel, and fold the remaining BatchNorms into their neighbouring convolutions in eval
-    mode.
+    into one large kernel, and turn on the inference fusion of the remaining layer chains.
 
     The merge is structural (the official re-parameterization: the same state dict as the official deploy
-    model); the remaining folds (conv -> BN, BN -> 1x1 conv, see ``FoldingSequential``) are computed on the
-    fly in eval mode, so the state dict keeps every BatchNorm. Works on the classifier, the dense backbone
-    or any module containing them (e.g. a detector). Eval-mode outputs are unchanged up to float round-off.
-    Returns ``model``.
+    model). The fusion (``overlock.models.inference_fusion``: BatchNorms folded into their neighbouring
+    convolutions, activations run as oneDNN post-ops, GRN scales moved into the next 1x1 conv) is computed on
+    the fly in eval mode, so the state dict keeps every BatchNorm. Works on the classifier, the dense
+    backbone or any module containing them (e.g. a detector). Eval-mode outputs are unchanged up to float
+    round-off. Returns ``model``.
     """
     for m in list(model.modules()):
         if isinstance(m, DilatedReparamBlock):
             m.merge_dilated_branches()
-    return enable_batchnorm_folding(model)
+    return enable_inference_fusion(model)
 
 
 def create_overlock(size: str, *, dense: bool = False, **overrides) -> nn.Module:

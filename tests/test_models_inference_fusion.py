@@ -1,0 +1,125 @@
+"""The deploy form's inference fusion (``overlock.models.inference_fusion``) in the precisions it runs in.
+
+``reparameterize`` turns the fusion on: in eval mode, without autograd, on the CPU in float32/bfloat16,
+conv -> BN -> activation chains run as oneDNN convolutions with post-ops, GRN scales move into the next 1x1
+conv, residual shortcuts are added inside the last convolution/GEMM, and folded kernels are cached. These
+tests compare the fused model with the same model with fusion off, check that the fused kernels really ran,
+that inputs are never overwritten, that autograd and autocast still work, and that the kernel cache follows
+weight updates.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from overlock.models import create_overlock, inference_fusion
+from overlock.models.blocks import FusibleSequential, enable_inference_fusion
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# Stage maps at 64 px: 16x16 (GRN -> fc2 as a GEMM with per-sample weights: out channels <= pixels) down to
+# 2x2 (the GRN scale applied to the activations instead).
+TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 64, 96], sub_num_heads=[2, 2],
+            num_classes=7)
+
+
+def _deploy_model(seed: int = 5):
+    """A reparameterized tiny OverLoCK whose BNs, GRNs and LayerScales are far from their identity init."""
+    torch.manual_seed(seed)
+    model = create_overlock("xt", **TINY)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "beta")) or ".ls" in name or "_scale" in name:
+                p.uniform_(-0.5, 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval().reparameterize(remove_aux_head=True)
+
+
+def _unfused(model):
+    return enable_inference_fusion(copy.deepcopy(model), False)
+
+
+def _chain_activation_calls(model, x):
+    """Forward calls of the activation modules that sit directly in a ``FusibleSequential``."""
+    calls = []
+    hooks = [child.register_forward_hook(lambda *a: calls.append(1))
+             for seq in model.modules() if isinstance(seq, FusibleSequential)
+             for child in seq.children() if isinstance(child, (torch.nn.GELU, torch.nn.SiLU))]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, len(calls)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("fused_add_min", [inference_fusion.MIN_FUSED_ADD_NUMEL, 0],
+                         ids=["separate-add", "add-post-op"])
+def test_fused_fp32_inference_equals_the_unfused_model_and_leaves_the_input_alone(
+        channels_last, fused_add_min, monkeypatch):
+    monkeypatch.setattr(inference_fusion, "MIN_FUSED_ADD_NUMEL", fused_add_min)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _deploy_model().to(memory_format=fmt)
+    reference = _unfused(model)
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=fmt)
+    x_before = x.clone()
+    with torch.inference_mode():
+        fused, fused_calls = _chain_activation_calls(model, x)
+        plain, plain_calls = _chain_activation_calls(reference, x)
+        again = model(x)  # second call: folded kernels from the cache
+    assert plain_calls > 10 and fused_calls == 0  # every chain activation ran as a oneDNN post-op
+    scale = plain.abs().max()
+    torch.testing.assert_close(fused / scale, plain / scale, rtol=0, atol=2e-5)
+    assert torch.equal(again, fused)
+    assert torch.equal(x, x_before)
+
+
+def test_with_autograd_the_fused_model_falls_back_and_gives_the_same_input_gradient():
+    """Grad-CAM/ERF run the deploy model in eval mode with gradients: no oneDNN-only op may be on the tape."""
+    model = _deploy_model()
+    reference = _unfused(model)
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for m in (model, reference):
+        xi = x.clone().requires_grad_()
+        m(xi)[:, 3].sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_runs_fused_and_stays_close_to_the_unfused_model():
+    model = _deploy_model().to(memory_format=torch.channels_last)
+    reference = _unfused(model)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, fused_calls = _chain_activation_calls(model, x)
+        plain = reference(x)
+    assert fused_calls == 0
+    assert fused.dtype == plain.dtype
+    error = (fused.float() - plain.float()).abs().max() / plain.float().abs().max()
+    assert error < 3e-2  # bf16 round-off of two differently ordered computations
+
+
+def test_cached_folded_kernels_follow_weight_updates():
+    """load_state_dict and in-place updates bump the tensors' versions; the cache must not serve old kernels."""
+    model = _deploy_model(seed=5)
+    other = _deploy_model(seed=6)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)  # fills the cache
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), _unfused(other)(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.patch_embed1[1].running_var.mul_(4.0)  # a folded BN of the stem
+        model.head[0].weight.mul_(0.5)  # a conv folded with its BN
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-4, atol=1e-5)
