@@ -123,3 +123,16 @@ def test_cached_folded_kernels_follow_weight_updates():
         model.head[0].weight.mul_(0.5)  # a conv folded with its BN
     with torch.inference_mode():
         torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_under_torch_compile_the_deploy_model_is_one_graph_and_left_to_the_compiler():
+    """The fusion steps aside while compiling (inductor folds and fuses the plain graph itself): no graph
+    breaks from its cache bookkeeping, and the compiled output equals the eager fused one."""
+    model = _deploy_model().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        eager, out = model(x), compiled(x)
+    scale = eager.abs().max()
+    torch.testing.assert_close(out / scale, eager / scale, rtol=0, atol=2e-5)

@@ -62,19 +62,20 @@ class FusibleSequential(nn.Sequential):
     Off by default; ``reparameterize`` (the deploy transform) turns ``fuse_for_inference`` on. Then, in eval
     mode, conv -> BatchNorm -> activation, BatchNorm -> 1x1 conv and GRN -> 1x1 conv chains run as single
     convolutions/GEMMs, and a residual shortcut is added inside the last one
-    (``overlock.models.inference_fusion``); kernels are computed on the fly from the current parameters: the
-    state dict (names and values) stays the official one and newly loaded weights need no re-folding. The
-    same function up to float round-off; in training mode and under jit tracing (FLOP counters) the children
-    run one by one.
+    (``overlock.models.inference_fusion``); kernels are folded from the current parameters (cached until
+    they change): the state dict (names and values) stays the official one and newly loaded weights need no
+    re-folding. The same function up to float round-off; in training mode, under jit tracing (FLOP counters)
+    and under torch.compile the children run one by one.
     """
 
     fuse_for_inference: bool = False
 
     @property
     def fusing(self) -> bool:
-        """Whether calls run fused now (enabled, eval mode, not traced)."""
+        """Whether calls run fused now: enabled, eval mode, not traced (FLOP counters see the official
+        structure), not compiled (inductor folds and fuses the plain graph itself)."""
         return (self.fuse_for_inference and not self.training and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting())
+                and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
