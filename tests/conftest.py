@@ -184,3 +184,42 @@ def write_demo_detection_layout(data_dir, n_train: int = 12, n_val: int = 4, siz
 def demo_detection_layout():
     """:func:`write_demo_detection_layout` (a fixture so test modules need not import conftest)."""
     return write_demo_detection_layout
+
+
+def randomize_batchnorm_stats(model):
+    """Trained-looking BatchNorm statistics and affine parameters (in place; returns ``model``), so that
+    folding a BatchNorm into its neighbouring convolution is not the identity."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_bn_stats():
+    """:func:`randomize_batchnorm_stats` (a fixture so test modules need not import conftest)."""
+    return randomize_batchnorm_stats
+
+
+def count_forward_calls(model, x, modules):
+    """``(model(x), how many times any of ``modules`` ran its forward)``."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in modules]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, len(calls)
+
+
+@pytest.fixture(scope="session")
+def forward_calls():
+    """:func:`count_forward_calls` (a fixture so test modules need not import conftest)."""
+    return count_forward_calls

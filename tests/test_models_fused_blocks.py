@@ -112,54 +112,40 @@ TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 64, 96], su
             num_classes=7)
 
 
-def _tiny_with_trained_bn_stats():
+def _tiny_with_trained_bn_stats(trained_bn_stats):
     from overlock.models import create_overlock
 
     torch.manual_seed(5)
-    model = create_overlock("xt", **TINY).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return trained_bn_stats(create_overlock("xt", **TINY).double()).eval()
 
 
-def _count_bn_calls(model, x):
-    calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1))
-             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    try:
-        out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, len(calls)
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
-def test_reparameterize_folds_the_remaining_batchnorms_in_eval_with_the_same_outputs_and_state_dict():
+def test_reparameterize_folds_the_remaining_batchnorms_in_eval_with_the_same_outputs_and_state_dict(
+        trained_bn_stats, forward_calls):
     from overlock.models.blocks import enable_inference_fusion
 
-    model = _tiny_with_trained_bn_stats()
+    model = _tiny_with_trained_bn_stats(trained_bn_stats)
     x = torch.randn(2, 3, 64, 80, dtype=torch.float64)
     model.reparameterize(remove_aux_head=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    folded, folded_calls = _count_bn_calls(model, x)
+    folded, folded_calls = forward_calls(model, x, _batchnorms(model))
     enable_inference_fusion(model, False)
-    plain, plain_calls = _count_bn_calls(model, x)
+    plain, plain_calls = forward_calls(model, x, _batchnorms(model))
     torch.testing.assert_close(folded, plain, rtol=0, atol=1e-12)
     assert plain_calls > 20 and folded_calls == 0  # every BN of the deploy model sits next to a conv
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_folding_is_off_in_training_mode_where_batchnorm_uses_batch_statistics():
-    model = _tiny_with_trained_bn_stats().reparameterize()
+def test_folding_is_off_in_training_mode_where_batchnorm_uses_batch_statistics(
+        trained_bn_stats, forward_calls):
+    model = _tiny_with_trained_bn_stats(trained_bn_stats).reparameterize()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     model.train()
-    out, calls = _count_bn_calls(model, x)
+    out, calls = forward_calls(model, x, _batchnorms(model))
     assert calls > 20
     from overlock.models.blocks import enable_inference_fusion
 

@@ -25,55 +25,45 @@ TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 64, 96], su
             num_classes=7)
 
 
-def _deploy_model(seed: int = 5):
-    """A reparameterized tiny OverLoCK whose BNs, GRNs and LayerScales are far from their identity init."""
-    torch.manual_seed(seed)
-    model = create_overlock("xt", **TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gamma", "beta")) or ".ls" in name or "_scale" in name:
-                p.uniform_(-0.5, 0.5)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval().reparameterize(remove_aux_head=True)
+@pytest.fixture()
+def deploy_model(trained_bn_stats):
+    """Builds a reparameterized tiny OverLoCK whose BNs, GRNs and LayerScales are far from their identity
+    init."""
+    def build(seed: int = 5):
+        torch.manual_seed(seed)
+        model = trained_bn_stats(create_overlock("xt", **TINY))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("gamma", "beta")) or ".ls" in name or "_scale" in name:
+                    p.uniform_(-0.5, 0.5)
+        return model.eval().reparameterize(remove_aux_head=True)
+    return build
 
 
 def _unfused(model):
     return enable_inference_fusion(copy.deepcopy(model), False)
 
 
-def _chain_activation_calls(model, x):
-    """Forward calls of the activation modules that sit directly in a ``FusibleSequential``."""
-    calls = []
-    hooks = [child.register_forward_hook(lambda *a: calls.append(1))
-             for seq in model.modules() if isinstance(seq, FusibleSequential)
-             for child in seq.children() if isinstance(child, (torch.nn.GELU, torch.nn.SiLU))]
-    try:
-        out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, len(calls)
+def _chain_activations(model):
+    """The activation modules that sit directly in a ``FusibleSequential`` (fused as oneDNN post-ops)."""
+    return [child for seq in model.modules() if isinstance(seq, FusibleSequential)
+            for child in seq.children() if isinstance(child, (torch.nn.GELU, torch.nn.SiLU))]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("fused_add_min", [inference_fusion.MIN_FUSED_ADD_NUMEL, 0],
                          ids=["separate-add", "add-post-op"])
 def test_fused_fp32_inference_equals_the_unfused_model_and_leaves_the_input_alone(
-        channels_last, fused_add_min, monkeypatch):
+        channels_last, fused_add_min, monkeypatch, deploy_model, forward_calls):
     monkeypatch.setattr(inference_fusion, "MIN_FUSED_ADD_NUMEL", fused_add_min)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = _deploy_model().to(memory_format=fmt)
+    model = deploy_model().to(memory_format=fmt)
     reference = _unfused(model)
     x = torch.randn(3, 3, 64, 64).contiguous(memory_format=fmt)
     x_before = x.clone()
     with torch.inference_mode():
-        fused, fused_calls = _chain_activation_calls(model, x)
-        plain, plain_calls = _chain_activation_calls(reference, x)
+        fused, fused_calls = forward_calls(model, x, _chain_activations(model))
+        plain, plain_calls = forward_calls(reference, x, _chain_activations(reference))
         again = model(x)  # second call: folded kernels from the cache
     assert plain_calls > 10 and fused_calls == 0  # every chain activation ran as a oneDNN post-op
     scale = plain.abs().max()
@@ -82,9 +72,9 @@ def test_fused_fp32_inference_equals_the_unfused_model_and_leaves_the_input_alon
     assert torch.equal(x, x_before)
 
 
-def test_with_autograd_the_fused_model_falls_back_and_gives_the_same_input_gradient():
+def test_with_autograd_the_fused_model_falls_back_and_gives_the_same_input_gradient(deploy_model):
     """Grad-CAM/ERF run the deploy model in eval mode with gradients: no oneDNN-only op may be on the tape."""
-    model = _deploy_model()
+    model = deploy_model()
     reference = _unfused(model)
     x = torch.randn(2, 3, 64, 64)
     grads = []
@@ -95,12 +85,12 @@ def test_with_autograd_the_fused_model_falls_back_and_gives_the_same_input_gradi
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_autocast_runs_fused_and_stays_close_to_the_unfused_model():
-    model = _deploy_model().to(memory_format=torch.channels_last)
+def test_bf16_autocast_runs_fused_and_stays_close_to_the_unfused_model(deploy_model, forward_calls):
+    model = deploy_model().to(memory_format=torch.channels_last)
     reference = _unfused(model)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fused, fused_calls = _chain_activation_calls(model, x)
+        fused, fused_calls = forward_calls(model, x, _chain_activations(model))
         plain = reference(x)
     assert fused_calls == 0
     assert fused.dtype == plain.dtype
@@ -108,10 +98,10 @@ def test_bf16_autocast_runs_fused_and_stays_close_to_the_unfused_model():
     assert error < 3e-2  # bf16 round-off of two differently ordered computations
 
 
-def test_cached_folded_kernels_follow_weight_updates():
+def test_cached_folded_kernels_follow_weight_updates(deploy_model):
     """load_state_dict and in-place updates bump the tensors' versions; the cache must not serve old kernels."""
-    model = _deploy_model(seed=5)
-    other = _deploy_model(seed=6)
+    model = deploy_model(seed=5)
+    other = deploy_model(seed=6)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         model(x)  # fills the cache
@@ -125,10 +115,10 @@ def test_cached_folded_kernels_follow_weight_updates():
         torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-4, atol=1e-5)
 
 
-def test_under_torch_compile_the_deploy_model_is_one_graph_and_left_to_the_compiler():
+def test_under_torch_compile_the_deploy_model_is_one_graph_and_left_to_the_compiler(deploy_model):
     """The fusion steps aside while compiling (inductor folds and fuses the plain graph itself): no graph
     breaks from its cache bookkeeping, and the compiled output equals the eager fused one."""
-    model = _deploy_model().to(memory_format=torch.channels_last)
+    model = deploy_model().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
