@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from overlock.calibration.detection import DETECTOR_CALIBRATION_FILE
 from overlock.calibration.stage import write_csv_atomic
 from overlock.calibration.temperature import TEMPERATURE_FILE, apply_temperature, load_temperature
 from overlock.compute import select_device
@@ -191,7 +192,7 @@ def calibration_section(calibration: Path, staging: Path, report: Report) -> dic
         shutil.copy2(png, staging / png.name)
         split = png.stem.removeprefix("reliability_").replace("_", " ")
         report.image("Calibration", staging / png.name, f"Reliability diagram ({split} split), before/after")
-    det = read_json(Path(calibration) / "detector_calibration.json", {})
+    det = read_json(Path(calibration) / DETECTOR_CALIBRATION_FILE, {})
     if det.get("status") == "fitted":
         keys = ("ece", "mce", "adaptive_ece", "nll", "brier")
         rows = [
@@ -312,7 +313,7 @@ def calibrated_detections(results: dict, calibration: Path | None) -> tuple[dict
     """``results`` with box scores mapped through the fitted detector calibrator (when there is one)."""
     from overlock.calibration.detection import ScoreCalibrator
 
-    fitted = read_json(Path(calibration) / "detector_calibration.json", {}) if calibration else {}
+    fitted = read_json(Path(calibration) / DETECTOR_CALIBRATION_FILE, {}) if calibration else {}
     if fitted.get("status") != "fitted":
         return results, "raw scores (no fitted detector calibrator)"
     calibrator = ScoreCalibrator.from_dict(fitted["calibrator"])
