@@ -215,9 +215,7 @@ class GRN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         beta = self.beta if self.use_bias else None
         if torch.jit.is_tracing() or torch.jit.is_scripting():
-            spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(-2, -1), keepdim=True)
-            relative = spatial_norm / (spatial_norm.mean(dim=1, keepdim=True) + GRN_EPS)
-            out = (self.gamma * relative + 1) * x
+            out = grn_response_scale(x, self.gamma) * x
             return out + beta if beta is not None else out
         return _GRNFunction.apply(x, self.gamma, beta)
 
@@ -227,10 +225,11 @@ def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
 
     For a channels_last tensor, computed per sample as the column sums of squares of its [H*W, C] rows:
     PyTorch's norm kernel reduces channels_last tensors over H, W 5-15x slower than contiguous ones
-    (measured at the OverLoCK-XT GRN shapes, benchmarks/RESULTS.md).
+    (measured at the OverLoCK-XT GRN shapes, benchmarks/RESULTS.md). Under jit tracing always the plain norm.
     """
     batch, channels = x.shape[:2]
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            and not torch.jit.is_tracing():
         rows = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # a view
         squares = torch.stack([sample.square().sum(dim=0) for sample in rows.unbind(0)])
         return squares.sqrt_().view(batch, channels, 1, 1)
