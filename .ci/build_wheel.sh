@@ -3,6 +3,7 @@
 #   .ci/build_wheel.sh mmcv-full 1.7.2      (ops on, C++20, CUDA ops when nvcc and a GPU are present)
 #   .ci/build_wheel.sh natten 0.17.5        (CPU build unless a GPU is present, C++20 in its CMake)
 # Env: PYTHON (the venv's python), OVERLOCK_WHEEL_CACHE (default ~/.cache/overlock/wheels).
+# The full build output goes to $OVERLOCK_WHEEL_CACHE/logs/<name>-<version>.log; a failed build prints its tail.
 set -euo pipefail
 name="$1"; version="$2"
 PYTHON="${PYTHON:-.venv/bin/python}"; PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
@@ -13,8 +14,16 @@ if ls "$cache/${dist}-${version}-"*.whl >/dev/null 2>&1; then
   echo "[wheel-cache] reusing $(ls "$cache/${dist}-${version}-"*.whl)"; exit 0
 fi
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-echo "[wheel-cache] building $name==$version (one time; cached in $cache)"
-(cd "$work" && PIP_NO_BUILD_ISOLATION=0 "$PYTHON" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$work" "$name==$version" 2>&1 | grep -v "^WARNING" || true)
+mkdir -p "$cache/logs"; log="$cache/logs/$name-$version.log"; : > "$log"
+echo "[wheel-cache] building $name==$version from source (one time; cached in $cache; log: $log)"
+build_failed() {
+  echo "[wheel-cache] building $name==$version FAILED. Last lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  echo "[wheel-cache] the whole log: $log. Common causes: no C++ compiler (install g++), a moved build toolchain" >&2
+  echo "  (.venv/bin/python .ci/check_toolchain.py), too little memory for parallel compiles (retry with MAX_JOBS=1)." >&2
+  exit 1
+}
+(cd "$work" && "$PYTHON" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$work" "$name==$version" >>"$log" 2>&1) || build_failed
 tar -xzf "$work"/*.tar.gz -C "$work"
 src=$(find "$work" -maxdepth 1 -mindepth 1 -type d | head -1)
 gpu=0
@@ -40,6 +49,7 @@ case "$name" in
     export NATTEN_N_WORKERS="${MAX_JOBS:-2}"
     ;;
 esac
-(cd "$src" && "$PYTHON" -m pip wheel --no-deps --no-build-isolation -w "$work/out" . )
+start=$SECONDS
+(cd "$src" && "$PYTHON" -m pip wheel -v --no-deps --no-build-isolation -w "$work/out" . >>"$log" 2>&1) || build_failed
 cp "$work"/out/*.whl "$cache/.tmp.whl" && mv "$cache/.tmp.whl" "$cache/$(basename "$work"/out/*.whl)"
-echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl)"
+echo "[wheel-cache] built $(ls "$cache/${dist}-${version}-"*.whl) in $((SECONDS - start)) s"
