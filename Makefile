@@ -10,10 +10,10 @@ natten:           ## optional: also build natten 0.17.5 (fast ContMix on CUDA) i
 demo: setup       ## run the whole pipeline on the built-in demo data
 	. .venv/bin/activate && dvc repro
 
-test: setup       ## run the test suite (what CI runs)
+test: setup       ## run the whole suite, brief benchmark runs included (what CI runs)
 	. .venv/bin/activate && python -m pytest -q --timeout=900
 
-test-fast: setup  ## skip the slow end-to-end tests
+test-fast: setup  ## skip the slow end-to-end tests and the benchmark runs
 	. .venv/bin/activate && python -m pytest -q -m "not slow and not bench"
 
 bench: setup      ## brief runs of every benchmark script

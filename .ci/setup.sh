@@ -26,7 +26,7 @@ rm -f "$stamp"
 cache="${OVERLOCK_WHEEL_CACHE:-$HOME/.cache/overlock/wheels}"
 t0=$SECONDS; step_start=$SECONDS
 step() { echo "[setup] $1: $((SECONDS - step_start)) s"; step_start=$SECONDS; }
-quiet() { grep -v -e '^WARNING: Location' -e '^Requirement already satisfied' || true; }
+quiet() { grep -v -e '^WARNING: Location' -e '^Requirement already satisfied' -e 'Setting PIP_CONSTRAINT will not affect build' || true; }
 pip_install() { $VPY -m pip install -q "$@" 2>&1 | quiet; return "${PIPESTATUS[0]}"; }
 pip_install -r .ci/toolchain.txt
 step "build toolchain (pip, setuptools, wheel, ninja)"

@@ -3,6 +3,43 @@ from __future__ import annotations
 
 import pytest
 
+# --- In CI (OVERLOCK_REQUIRE_ALL_DEPS=1, set by .ci/run) a missing or broken heavy dependency fails the run:
+# without this, the module-level importorskip of mmcv/mmdet (and the natten parametrisation) would turn a broken
+# install into silent skips.
+REQUIRED_MODULES = ("mmcv.ops", "mmdet.models", "mmseg", "natten")
+
+
+def _require_all_deps() -> bool:
+    import os
+    return os.environ.get("OVERLOCK_REQUIRE_ALL_DEPS") == "1"
+
+
+def pytest_sessionstart(session):
+    if not _require_all_deps():
+        return
+    import importlib
+    missing = []
+    for name in REQUIRED_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001  (an ImportError or a broken build: both must fail here)
+            missing.append(f"{name}: {type(exc).__name__}: {exc}")
+    if missing:
+        raise pytest.UsageError("OVERLOCK_REQUIRE_ALL_DEPS=1 but these do not import:\n  " + "\n  ".join(missing)
+                                + "\nFix: WITH_NATTEN=1 make setup (build logs: ~/.cache/overlock/wheels/logs/)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under OVERLOCK_REQUIRE_ALL_DEPS=1 a skip caused by a missing module is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _require_all_deps():
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(text in reason for text in ("could not import", "unavailable", "not installed")):
+            report.outcome = "failed"
+            report.longrepr = f"skipped for a missing dependency, which CI does not allow: {reason}"
+
 
 @pytest.fixture(scope="session")
 def ray_local():

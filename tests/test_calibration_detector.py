@@ -74,9 +74,13 @@ def test_detector_score_calibrator_is_fitted_on_the_calibration_split(detector_w
     assert cal["after"]["nll"] <= cal["before"]["nll"] + 1e-9
     for split in (cal, val):
         for when in ("before", "after"):
-            assert 0.0 <= split[when]["ece"] <= split[when]["mce"] <= 1.0
-        counts = sum(b["count"] for b in split["reliability_before"])
-        assert counts == split["detections"]
+            # ECE and MCE as their definitions give them from the reliability bins of the same scores
+            rows = split[f"reliability_{when}"]
+            assert sum(r["count"] for r in rows) == split["detections"]
+            gaps = [abs(r["accuracy"] - r["confidence"]) for r in rows]
+            ece = sum(r["count"] * g for r, g in zip(rows, gaps)) / split["detections"]
+            assert split[when]["ece"] == pytest.approx(ece, abs=1e-5)
+            assert split[when]["mce"] == pytest.approx(max(gaps), abs=1e-5)
     # a temperature keeps the ranking of the scores (so every AP is unchanged) and round-trips through JSON
     calibrator = ScoreCalibrator.from_dict(result["calibrator"])
     assert calibrator.temperature > 0 and calibrator.temperature != 1.0

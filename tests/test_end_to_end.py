@@ -1,10 +1,12 @@
 """End to end as a user runs it: `dvc repro` and `dvc exp run -S ...` in a temporary git repository.
 
-One tiny pipeline run per session backs several assertions (DESIGN.md §5): tiny demo data, a reduced
-OverLoCK through `model.overrides`, one epoch, a few detector iterations.
+One pipeline run per session backs several assertions (DESIGN.md §5). It is the shipped demo itself (what
+`make demo` runs, about 6 minutes on 2 cores), so the demo's accuracy targets (DESIGN.md §6) are asserted on what
+a user gets, not on a stand-in.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,23 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 STAGES = ["download", "extract", "pretrain", "finetune", "calibrate", "evaluate"]
-TINY_MODEL = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [16, 32, 48, 64],
-              "sub_num_heads": [2, 2], "projection": 64}
 pytestmark = pytest.mark.slow
-
-
-def tiny_params(raw: dict) -> dict:
-    """The shipped params.yaml shrunk so the whole pipeline runs in a few minutes on 2 cores."""
-    raw["data"]["demo"].update(num_classes=4, train_per_class=24, val_per_class=8, image_size=32,
-                               coco_train_images=12, coco_val_images=6, coco_image_size=96)
-    raw["data"]["calibration_per_class"] = 4
-    raw["model"]["overrides"] = dict(TINY_MODEL)
-    raw["pretrain"].update(epochs=1, batch_size=16, input_size=32, workers=2, log_every_steps=1)
-    raw["finetune"].update(max_iters=6, img_scale=[96, 96], checkpoint_interval=3)
-    raw["evaluate"].update(throughput_batch=4, throughput_iters=1, erf_images=2, gradcam_images=1,
-                           detection_images=1)
-    raw["compute"]["threads"] = 1
-    return raw
 
 
 def run(cmd, cwd, check=True, timeout=900):
@@ -59,10 +45,8 @@ def copy_repo(dest: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """Copy the repo into a fresh git repo, shrink params, run `dvc repro` once."""
+    """Copy the repo into a fresh git repo and run `dvc repro` once with the shipped params (the demo)."""
     root = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    raw = tiny_params(yaml.safe_load((root / "params.yaml").read_text()))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
@@ -77,11 +61,20 @@ def _mlflow_runs(root: Path):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def _metrics(root: Path, stage: str) -> dict:
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+
+
+def _report_sections(root: Path) -> dict[str, str]:
+    """``## heading`` -> body of reports/report.md."""
+    parts = re.split(r"^## (.+)$", (root / "reports/report.md").read_text(), flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
 def test_repro_runs_all_stages_and_outputs_load(pipeline):
     root, first = pipeline
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout, first.stdout[-3000:]
-    from overlock.models.checkpoint import load_official_checkpoint  # noqa: F401  (our loader)
     from overlock.registry import import_model_modules, resolve_model
     import timm
     meta = json.loads((root / "models/classifier/model.json").read_text())
@@ -89,15 +82,47 @@ def test_repro_runs_all_stages_and_outputs_load(pipeline):
     import_model_modules(spec)
     model = timm.create_model(spec.timm_name, num_classes=meta["num_classes"], **meta["model_kwargs"])
     ckpt = torch.load(root / "models/classifier/final.pth", weights_only=True)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=True), None
-    assert meta["num_classes"] == 4 and len(meta["classes"]) == 4
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    assert meta["num_classes"] == 10 and len(meta["classes"]) == 10
     det = torch.load(root / "models/detector/detector.pth", weights_only=False, map_location="cpu")
     assert any(k.startswith("backbone.") for k in det["state_dict"])
-    temp = json.loads((root / "models/calibration/temperature.json").read_text())
-    assert temp["temperature"] > 0
-    html = (root / "reports/report.html").read_text()
-    for section in ("Classification", "Calibration", "Detection", "Complexity"):
-        assert section in html
+
+
+def test_demo_reaches_its_accuracy_targets(pipeline):
+    """DESIGN.md §6 on the shipped demo: learnable but not trivial (chance is 10 %)."""
+    root, _ = pipeline
+    pretrain, finetune = _metrics(root, "pretrain"), _metrics(root, "finetune")
+    assert 60.0 <= pretrain["final_val_top1"] < 100.0, pretrain
+    assert finetune["bbox_mAP_50"] >= 0.2, finetune
+
+
+def test_calibration_is_fitted_and_used_by_evaluate(pipeline):
+    """The temperature minimises the calibration split's NLL (strictly better than T = 1 on this miscalibrated
+    demo classifier), and evaluate reports the fitted value, not a default."""
+    root, _ = pipeline
+    fitted = json.loads((root / "models/calibration/temperature.json").read_text())["temperature"]
+    calibrate = _metrics(root, "calibrate")
+    assert calibrate["calibration.nll_after"] < calibrate["calibration.nll_before"] - 1e-3, calibrate
+    assert abs(fitted - 1.0) > 1e-2
+    assert calibrate["temperature"] == pytest.approx(fitted)
+    section = _report_sections(root)["Calibration"]
+    assert f"{fitted:.3f}" in section, section[:2000]
+
+
+def test_report_sections_hold_their_results(pipeline):
+    """Every section has content from this run: numbers that match the metrics, the demo's class names, figures."""
+    root, _ = pipeline
+    sections = _report_sections(root)
+    classes = json.loads((root / "models/classifier/model.json").read_text())["classes"]
+    evaluate = _metrics(root, "evaluate")
+    for name in ("Classification", "Calibration", "Detection", "Complexity"):
+        assert "(nothing to report)" not in sections[name], name
+        assert "![" in sections[name], f"no figure in the {name} section"
+    top1 = next(v for k, v in evaluate.items() if k.endswith("top1") and "ema" not in k)
+    assert f"{top1:.2f}" in sections["Classification"] or f"{top1:.1f}" in sections["Classification"], top1
+    assert all(str(c) in sections["Classification"] for c in classes[:3])
+    assert "Per-class AP" in sections["Detection"]
+    assert re.search(r"\d+(\.\d+)?\s*M", sections["Complexity"]), "no parameter count in Complexity"
 
 
 def test_dvc_metrics_show_has_every_stage(pipeline):
@@ -146,12 +171,24 @@ def test_bad_set_param_fails_before_any_stage_work(pipeline):
     run(["git", "checkout", "--", "params.yaml"], root)
 
 
-def test_exp_run_with_other_size_is_a_separate_tracked_run(pipeline):
+def test_exp_run_with_other_size_trains_that_size_as_a_separate_run(pipeline):
+    """`dvc exp run -S model.size=t` trains OverLoCK-T itself (no overrides), kept short through other -S keys."""
     root, _ = pipeline
-    run(["dvc", "exp", "run", "-n", "size-t", "-S", "model.size=t"], root, timeout=1200)
+    short = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=2", "finetune.max_iters=2",
+             "evaluate.erf_images=1", "evaluate.gradcam_images=1", "evaluate.throughput_iters=1",
+             "evaluate.throughput_batch=2", "evaluate.detection_images=1"]
+    run(["dvc", "exp", "run", "-n", "size-t", "-S", "model.size=t", *[a for k in short for a in ("-S", k)]],
+        root, timeout=1500)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
-    text = json.dumps(shown)
-    assert "size-t" in text
+    assert "size-t" in json.dumps(shown)
+    meta = json.loads((root / "models/classifier/model.json").read_text())
+    assert (meta["size"], meta["timm_name"], meta["model_kwargs"]) == ("t", "overlock_t", {}), meta
+    import timm
+    from overlock.registry import import_model_modules, resolve_model
+    import_model_modules(resolve_model("overlock", "t"))
+    reference = timm.create_model("overlock_t", num_classes=meta["num_classes"])
+    ckpt = torch.load(root / "models/classifier/final.pth", weights_only=True)
+    reference.load_state_dict(ckpt["state_dict"], strict=True)  # OverLoCK-T's names and shapes
     _, runs = _mlflow_runs(root)
     parents = [r for r in runs if r.data.tags.get("overlock.role") == "pipeline"]
     assert len(parents) == 2

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 import pytest
 import torch
@@ -15,51 +13,10 @@ TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[8, 16, 32, 48], ker
             mlp_ratio=[2, 2, 2, 2], sub_mlp_ratio=[2, 2], sub_num_heads=[2, 2])
 
 
-def _mmdet_available() -> bool:
-    try:
-        importlib.import_module("mmcv.ops")
-        importlib.import_module("mmdet.models")
-    except Exception:  # noqa: BLE001  (mmcv-full missing or built without ops)
-        return False
-    return True
-
-
-class _Registry:
-    """Minimal stand-in for mmcv's Registry (register_module(name=, module=) / get)."""
-
-    def __init__(self):
-        self.module_dict = {}
-
-    def register_module(self, name=None, module=None, force=False):
-        if name in self.module_dict and not force:
-            raise KeyError(f"{name} is already registered")
-        self.module_dict[name] = module
-        return module
-
-    def get(self, name):
-        return self.module_dict.get(name)
-
-
 @pytest.fixture()
-def backbone_module(monkeypatch):
-    """``overlock.detection.backbone`` imported with the real mmdet when available, else a stub registry."""
-    if not _mmdet_available():
-        registry = _Registry()
-        builder = types.ModuleType("mmdet.models.builder")
-        builder.BACKBONES = registry
-        models = types.ModuleType("mmdet.models")
-        models.builder, models.BACKBONES = builder, registry
-        mmdet = types.ModuleType("mmdet")
-        mmdet.models = models
-        monkeypatch.setitem(sys.modules, "mmdet", mmdet)
-        monkeypatch.setitem(sys.modules, "mmdet.models", models)
-        monkeypatch.setitem(sys.modules, "mmdet.models.builder", builder)
-        monkeypatch.delitem(sys.modules, "overlock.detection.backbone", raising=False)
-        module = importlib.import_module("overlock.detection.backbone")
-        yield module
-        sys.modules.pop("overlock.detection.backbone", None)
-    else:
-        yield importlib.import_module("overlock.detection.backbone")
+def backbone_module():
+    """``overlock.detection.backbone`` with the real mmdet (a hard dependency: a broken install must fail here)."""
+    return importlib.import_module("overlock.detection.backbone")
 
 
 def test_sizes_registered(backbone_module):
@@ -101,7 +58,6 @@ def test_sync_bn_helper_only_converts_when_asked(backbone_module):
     assert len(model(torch.randn(1, 3, 64, 64))) == 4  # SyncBatchNorm runs as BN in eval mode
 
 
-@pytest.mark.skipif(not _mmdet_available(), reason="mmcv-full/mmdet not installed")
 def test_build_from_mmdet_config():
     importlib.import_module("overlock.detection.backbone")
     from mmdet.models import build_backbone
