@@ -35,6 +35,13 @@ def _some(items: list) -> str:
     return head + (f" and {len(items) - SHOW} more" if len(items) > SHOW else "")
 
 
+def _sorted(values) -> list:
+    try:
+        return sorted(values)
+    except TypeError:  # ids of mixed types: still a stable order
+        return sorted(values, key=str)
+
+
 def load_coco(path: Path, where: str) -> dict:
     """Parse and structurally check the COCO JSON at ``path`` (``where``: how messages name the file)."""
     try:
@@ -52,13 +59,14 @@ def load_coco(path: Path, where: str) -> dict:
                             f"the annotations in COCO format")
     for key, fields in (("images", ("id", "file_name")), ("annotations", ("id", "image_id", "category_id", "bbox")),
                         ("categories", ("id", "name"))):
+        one = {"images": "image", "annotations": "annotation", "categories": "category"}[key]
         bad = [i for i, e in enumerate(coco[key]) if not isinstance(e, dict) or any(f not in e for f in fields)]
         if bad:
             raise CocoDataError(f"{where}: {key} entries {_some(bad)} (by position) lack one of "
-                                f"{', '.join(fields)}; every {key[:-1]} needs them")
-        dup = sorted((k for k, n in Counter(e["id"] for e in coco[key]).items() if n > 1), key=str)
+                                f"{', '.join(fields)}; every {one} needs them")
+        dup = _sorted(k for k, n in Counter(e["id"] for e in coco[key]).items() if n > 1)
         if dup:
-            raise CocoDataError(f"{where}: duplicate {key[:-1]} id(s) {_some(dup)}; ids must be unique within "
+            raise CocoDataError(f"{where}: duplicate {one} id(s) {_some(dup)}; ids must be unique within "
                                 f"{key}: renumber the {key}")
     dup = sorted(k for k, n in Counter(str(c["name"]) for c in coco["categories"]).items() if n > 1)
     if dup:
@@ -125,7 +133,7 @@ def normalize_coco(coco: dict, where: str, images_dir: Path, images_where: str) 
                                 f"in images; add the image or remove the annotation")
         if ann["category_id"] not in cat_ids:
             raise CocoDataError(f"{where}: annotation {ann['id']} has category_id {ann['category_id']}, which is not "
-                                f"in categories (ids {_some(sorted(cat_ids, key=str))}); add the category or fix "
+                                f"in categories (ids {_some(_sorted(cat_ids))}); add the category or fix "
                                 f"the annotation")
         img, box = by_id[ann["image_id"]], ann["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):

@@ -114,7 +114,7 @@ def _files(folder: Path) -> list[str]:
 def _require_split_dirs(src: _Source, layout: str) -> None:
     for split in ("train", "val"):
         if not (src.base / split).is_dir():
-            raise OwnDataLayoutError(f"{src.where()} has no {split}/ folder (it holds: {src.listing()}). Your own "
+            raise OwnDataLayoutError(f"{src.where()} has no {split}/ folder, or no file in it (it holds: {src.listing()}). Your own "
                                      f"data needs {layout}; see README 'Your own data'")
 
 
