@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from overlock.data.datasets import ClassificationDataset, coco_split_files, load_classes
+from overlock.data.datasets import ClassificationDataset, coco_categories, coco_split_files, load_classes
 from overlock.data.download import MANIFEST
 from overlock.data.extract import ArchiveError, run_extract
 from overlock.data.own_sources import OwnDataError, place_own_source
@@ -152,7 +152,8 @@ def own_repo(tmp_path_factory):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)
     classes = make_class_tree(base / "my_classes")
-    coco_zip = _pack(make_coco_tree(base / "my_coco"), base / "my_coco.zip", top="my_coco")
+    coco_tree = make_coco_tree(base / "my_coco")
+    coco_zip = _pack(coco_tree, base / "my_coco.zip", top="my_coco")
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["data"].update(dataset="folder", detection_dataset="coco_folder", calibration_per_class=1,
                        sources={"folder": str(classes), "coco_folder": {"path": str(coco_zip)}})
@@ -161,7 +162,7 @@ def own_repo(tmp_path_factory):
     _run(["git", "add", "-A"], root)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
     first = _run(["dvc", "repro", "extract"], root)
-    return {"root": root, "classes": classes, "coco_zip": coco_zip, "first": first}
+    return {"root": root, "classes": classes, "coco_zip": coco_zip, "coco_tree": coco_tree, "first": first}
 
 
 def test_repro_extract_builds_both_datasets_with_their_classes(own_repo):
@@ -193,54 +194,53 @@ def test_repro_extract_builds_both_datasets_with_their_classes(own_repo):
 
 
 def test_detector_takes_classes_from_the_extracted_annotations(own_repo):
-    from overlock.detection.finetune import read_classes
     data = own_repo["root"] / "data" / "datasets"
     files = coco_split_files(data / "detection")
-    assert read_classes(files["train"][0]) == ["car", "person", "dog"]
     train = json.loads(Path(files["train"][0]).read_text())
     assert [c["id"] for c in train["categories"]] == [3, 7, 12]  # written in id order: mmdet's cat_ids agree
+    assert coco_categories(data / "detection") == ["car", "person", "dog"]
     assert (Path(files["train"][1]) / "sub" / "train_1.jpg").is_file()
+    pytest.importorskip("mmcv")
     pytest.importorskip("mmdet")
     from mmdet.datasets import build_dataset
 
     from overlock.detection.config import build_detection_config
+    from overlock.detection.finetune import read_classes
+    classes = read_classes(files["train"][0])  # what the finetune stage passes to the config builder
+    assert classes == ["car", "person", "dog"]
     params = parse_params(yaml.safe_load((own_repo["root"] / "params.yaml").read_text()))
-    cfg = build_detection_config(params, data, own_repo["root"] / "work", read_classes(files["train"][0]))
+    cfg = build_detection_config(params, data, own_repo["root"] / "work", classes)
     assert cfg.model.roi_head.bbox_head.num_classes == 3 and cfg.model.roi_head.mask_head.num_classes == 3
     val = build_dataset(cfg.data.val)
     assert list(val.CLASSES) == ["car", "person", "dog"] and list(val.cat_ids) == [3, 7, 12]
 
 
-def test_dvc_sees_a_changed_image_and_reruns_extract(own_repo):
+def test_dvc_status_sees_a_changed_image(own_repo):
     root, classes = own_repo["root"], own_repo["classes"]
-    assert "up to date" in _run(["dvc", "status"], root).stdout
-    before = json.loads((root / "data/datasets/integrity_report.json").read_text())
+    assert "up to date" in _run(["dvc", "status", "download", "extract"], root).stdout
     _photo(999, (50, 40)).save(classes / "val" / "cat" / "img_1.JPEG", quality=85)  # edited in place
-    status = _run(["dvc", "status"], root).stdout
-    assert "download" in status and "extract" in status and "modified" in status
-    again = _run(["dvc", "repro", "extract"], root)
-    assert "Running stage 'extract'" in again.stdout
-    after = json.loads((root / "data/datasets/integrity_report.json").read_text())
-    assert after["classification"]["source"]["sha256"] != before["classification"]["source"]["sha256"]
-    assert "up to date" in _run(["dvc", "status"], root).stdout
+    status = _run(["dvc", "status", "download", "extract"], root).stdout
+    assert "download:" in status and "extract:" in status and "modified:           data/archives" in status
 
 
-def test_repro_stops_at_extract_on_bad_data_and_leaves_no_dataset(own_repo):
-    root, classes = own_repo["root"], own_repo["classes"]
-    moved = classes.parent / "dog_val_aside"
-    shutil.move(classes / "val" / "dog", moved)
-    try:
-        bad = _run(["dvc", "repro", "-f", "download", "extract"], root, check=False)
-    finally:
-        shutil.move(moved, classes / "val" / "dog")
+def test_repro_reruns_on_changed_data_and_stops_at_extract_when_bad(own_repo):
+    """After the edited image (previous test) and a broken annotation file, `dvc repro` re-runs download and
+    fails in extract, naming the file and the fix, with no dataset left in data/datasets."""
+    root, coco_zip = own_repo["root"], own_repo["coco_zip"]
+    before = json.loads((root / "data/archives" / MANIFEST).read_text())
+    tree = own_repo["coco_tree"]
+    (tree / "annotations" / "instances_train.json").write_text("{'images': [")
+    _pack(tree, coco_zip, top="my_coco")  # the same file, rewritten
+    bad = _run(["dvc", "repro", "extract"], root, check=False)
     out = bad.stdout + bad.stderr
-    assert bad.returncode != 0 and "Running stage 'extract'" in out
-    assert f"{classes}: the class folders of train/ and val/ differ" in out and "only in train/: dog" in out
-    assert "add or rename the folders" in out
+    assert bad.returncode != 0 and "Running stage 'download'" in out and "Running stage 'extract'" in out
+    assert f"{coco_zip}:my_coco/annotations/instances_train.json is not valid JSON" in out
+    assert "export the annotations again in COCO format" in out
+    after = json.loads((root / "data/archives" / MANIFEST).read_text())
+    assert after["folder"]["digest"] != before["folder"]["digest"]  # the edited image was seen
     data = root / "data" / "datasets"
     assert not (data / "integrity_report.json").exists() and not (data / "classification").exists()
-    assert not (root / ".overlock" / "state" / "extract").exists() or not any(
-        (root / ".overlock" / "state" / "extract").rglob("staging"))
+    assert not [p for p in (root / ".overlock/state/extract").rglob("*") if p.is_file()]
 
 
 # ---------------------------------------------------------------------------- every bad case, in-process
@@ -402,6 +402,19 @@ def test_tar_gz_class_folders_in_a_top_folder_extract_like_the_directory(tmp_pat
     assert report["classification"]["source"]["kind"] == "archive"
     assert not list((tmp_path / "built").glob(".*unpacked"))  # the unpacked archive is gone
     assert ClassificationDataset(tmp_path / "built", "val")[0][0].mode == "RGB"
+
+
+def test_files_added_after_download_are_named_with_the_fix(tmp_path, monkeypatch):
+    src = make_class_tree(tmp_path / "mine")
+    monkeypatch.setenv("OVERLOCK_REPO", str(tmp_path))
+    params = parse_params({"data": {"dataset": "folder", "detection_dataset": "none", "calibration_per_class": 1,
+                                    "sources": {"folder": str(src)}}})
+    archives = tmp_path / "archives"
+    manifest = {"folder": place_own_source("folder", params.data.source("folder"), archives, tmp_path / "state")}
+    _photo(5, (30, 30)).save(src / "val" / "dog" / "new.jpg")  # DVC cannot see this through the links
+    import overlock.data.layouts as layouts
+    with pytest.raises(ArchiveError, match=r"1 files added, e.g. val/dog/new.jpg.*dvc repro -f download"):
+        layouts.build_all(params, archives, manifest, tmp_path / "built")
 
 
 def test_pinned_checksum_is_checked(tmp_path, good_sources):

@@ -61,6 +61,7 @@ class _Source:
     def __init__(self, link: Path, origin: str, work: Path, key: str):
         self.origin, self.key = origin, key
         if Path(link).is_dir():
+            _check_links_current(Path(link), Path(origin), key)
             self.base, self.prefix, self.moves = Path(link), "", False
         else:
             unpacked = Path(work) / f".{key}.unpacked"
@@ -99,6 +100,20 @@ class _Source:
     def close(self) -> None:
         if self.unpacked is not None:
             shutil.rmtree(self.unpacked, ignore_errors=True)
+
+
+def _check_links_current(link: Path, origin: Path, key: str) -> None:
+    """The download stage's link tree still lists the files of the source directory (DVC cannot see additions)."""
+    from overlock.data.own_sources import tree_files
+    if not origin.is_dir():
+        raise OwnDataLayoutError(f"{origin} (data.sources.{key}) is gone; restore it or set data.sources.{key}")
+    now, linked = set(tree_files(origin)), set(tree_files(link))
+    if now != linked:
+        added, gone = sorted(now - linked), sorted(linked - now)
+        raise OwnDataLayoutError(f"{origin} changed since the download stage placed it ({len(added)} files added, e.g. "
+                                 f"{_some(added) or '-'}; {len(gone)} gone, e.g. {_some(gone) or '-'}). DVC sees "
+                                 f"changed files, not added or deleted ones: run `dvc repro -f download` (then "
+                                 f"`dvc repro`)")
 
 
 def _files(folder: Path) -> list[str]:
