@@ -215,6 +215,24 @@ def test_detector_takes_classes_from_the_extracted_annotations(own_repo):
     assert list(val.CLASSES) == ["car", "person", "dog"] and list(val.cat_ids) == [3, 7, 12]
 
 
+def test_mask_rcnn_on_boxes_only_data_fails_before_training(own_repo, tmp_path):
+    pytest.importorskip("mmcv")
+    from overlock.detection.finetune import check_inputs
+    data = own_repo["root"] / "data" / "datasets"
+    raw = yaml.safe_load((own_repo["root"] / "params.yaml").read_text())
+    raw["finetune"].update(init="none", detector="mask_rcnn")
+    check_inputs(parse_params(raw), data, tmp_path)  # every annotation of the fixture has a mask
+    boxes_only = tmp_path / "datasets"
+    shutil.copytree(data, boxes_only, symlinks=True)
+    report = json.loads((boxes_only / "integrity_report.json").read_text())
+    report["detection"]["annotations_without_masks"]["train"] = 2
+    (boxes_only / "integrity_report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="2 train annotations .* no segmentation.*finetune.detector=faster_rcnn"):
+        check_inputs(parse_params(raw), boxes_only, tmp_path)
+    raw["finetune"]["detector"] = "faster_rcnn"
+    check_inputs(parse_params(raw), boxes_only, tmp_path)
+
+
 def test_dvc_status_sees_a_changed_image(own_repo):
     root, classes = own_repo["root"], own_repo["classes"]
     assert "up to date" in _run(["dvc", "status", "download", "extract"], root).stdout
