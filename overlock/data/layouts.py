@@ -295,8 +295,8 @@ def detection_splits(root: Path, seed: int, per_class: int, mode: str) -> dict:
     (root / "splits").mkdir(exist_ok=True)
     write_json_atomic(root / "splits" / "train.json", _coco_subset(train, keep))
     write_json_atomic(root / "splits" / "calibration.json", _coco_subset(train, cal))
-    report.update(categories=len(train["categories"]),
-                  category_names=[c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])], excluded=len(report["excluded_files"]),
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]  # the detector's classes
+    report.update(categories=len(train["categories"]), category_names=names, excluded=len(report["excluded_files"]),
                   splits={"train": len(keep), "calibration": len(cal), "val": report["images"]["val"]})
     return report
 

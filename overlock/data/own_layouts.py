@@ -29,6 +29,7 @@ from PIL import Image
 
 from overlock.data.coco_checks import load_coco, normalize_coco, same_categories
 from overlock.data.extract import ArchiveError, safe_extract
+from overlock.data.own_sources import tree_files
 from overlock.state import write_json_atomic
 
 __all__ = ["OwnDataLayoutError", "image_suffixes", "build_class_folders", "build_coco_folder", "source_report"]
@@ -104,7 +105,6 @@ class _Source:
 
 def _check_links_current(link: Path, origin: Path, key: str) -> None:
     """The download stage's link tree still lists the files of the source directory (DVC cannot see additions)."""
-    from overlock.data.own_sources import tree_files
     if not origin.is_dir():
         raise OwnDataLayoutError(f"{origin} (data.sources.{key}) is gone; restore it or set data.sources.{key}")
     now, linked = set(tree_files(origin)), set(tree_files(link))
@@ -116,21 +116,11 @@ def _check_links_current(link: Path, origin: Path, key: str) -> None:
                                  f"`dvc repro`)")
 
 
-def _files(folder: Path) -> list[str]:
-    """Non-hidden files under ``folder`` (relative POSIX paths, sorted; sub-folders included)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(folder)
-        out += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
-    return sorted(out)
-
-
 def _require_split_dirs(src: _Source, layout: str) -> None:
     for split in ("train", "val"):
         if not (src.base / split).is_dir():
-            raise OwnDataLayoutError(f"{src.where()} has no {split}/ folder, or no file in it (it holds: {src.listing()}). Your own "
-                                     f"data needs {layout}; see README 'Your own data'")
+            raise OwnDataLayoutError(f"{src.where()} has no {split}/ folder, or no file in it (it holds: "
+                                     f"{src.listing()}). Your own data needs {layout}; see README 'Your own data'")
 
 
 # ----------------------------------------------------------------------------------------- class folders
@@ -140,51 +130,62 @@ def source_report(entry: dict) -> dict:
                        "files": entry["files"], "bytes": entry["size"]}}
 
 
+def _scan_class_folders(src: _Source) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """({split: {class: image paths relative to the class folder}}, skipped non-image files)."""
+    suffixes = image_suffixes()
+    found: dict[str, dict[str, list[str]]] = {}
+    skipped: list[str] = []
+    for split in ("train", "val"):
+        found[split] = {}
+        for d in sorted(p for p in (src.base / split).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = tree_files(d)
+            found[split][d.name] = [f for f in files if Path(f).suffix.lower() in suffixes]
+            skipped += [f"{split}/{d.name}/{f}" for f in files if Path(f).suffix.lower() not in suffixes]
+    return found, skipped
+
+
+def _check_class_folders(src: _Source, found: dict, skipped: list[str], per_class: int) -> None:
+    if not found["train"]:
+        loose = [p.name for p in (src.base / "train").iterdir() if p.is_file() and not p.name.startswith(".")]
+        raise OwnDataLayoutError(
+            f"{src.where('train/')} holds no class folders{f' ({len(loose)} loose files)' if loose else ''}: "
+            f"no classes. Put each class's images in a folder named after the class, train/<class>/ and "
+            f"val/<class>/")
+    only_train = sorted(set(found["train"]) - set(found["val"]))
+    only_val = sorted(set(found["val"]) - set(found["train"]))
+    if only_train or only_val:
+        raise OwnDataLayoutError(
+            f"{src.where()}: the class folders of train/ and val/ differ (only in train/: "
+            f"{_some(only_train) or '-'}; only in val/: {_some(only_val) or '-'}). Every class needs a folder in "
+            f"both: add or rename the folders so train/ and val/ hold the same classes")
+    for split in ("train", "val"):
+        for cls, images in found[split].items():
+            if not images:
+                others = len([s for s in skipped if s.startswith(f"{split}/{cls}/")])
+                raise OwnDataLayoutError(
+                    f"{src.where(f'{split}/{cls}/')} holds no images"
+                    f"{f' ({others} files PIL cannot open)' if others else ''}: an empty class. Add images (any "
+                    f"format PIL reads: .jpg, .png, .webp, .tif, ...) or remove the class from train/ and val/")
+    for cls, images in found["train"].items():
+        if len(images) <= per_class:
+            raise OwnDataLayoutError(
+                f"{src.where(f'train/{cls}/')} has {len(images)} images, but the held-out calibration split takes "
+                f"data.calibration_per_class={per_class} per class and training needs at least one more: add "
+                f"train images to this class or lower data.calibration_per_class")
+
+
 def build_class_folders(link: Path, entry: dict, root: Path, per_class: int) -> tuple[list[dict], dict]:
     """Check ``train/<class>/`` + ``val/<class>/`` and place the images under ``root``; return (classes, info).
 
     ``link``: ``data/archives/folder``; ``entry``: its download manifest entry (names the user's source).
+    Files in sub-folders of a class are placed flat (``a/b.jpg`` as ``a__b.jpg``).
     """
     shutil.rmtree(root, ignore_errors=True)  # a failed earlier attempt in the same staging dir
     src = _Source(link, str(entry["source"]), root.parent, entry["dataset"])
     try:
         _require_split_dirs(src, "train/<class>/ and val/<class>/ image folders")
-        suffixes = image_suffixes()
-        found: dict[str, dict[str, list[str]]] = {}
-        skipped: list[str] = []
-        for split in ("train", "val"):
-            found[split] = {}
-            for d in sorted(p for p in (src.base / split).iterdir() if p.is_dir() and not p.name.startswith(".")):
-                files = _files(d)
-                found[split][d.name] = [f for f in files if Path(f).suffix.lower() in suffixes]
-                skipped += [f"{split}/{d.name}/{f}" for f in files if Path(f).suffix.lower() not in suffixes]
-        if not found["train"]:
-            loose = [p.name for p in (src.base / "train").iterdir() if p.is_file() and not p.name.startswith(".")]
-            raise OwnDataLayoutError(
-                f"{src.where('train/')} holds no class folders{f' ({len(loose)} loose files)' if loose else ''}: "
-                f"no classes. Put each class's images in a folder named after the class, train/<class>/ and "
-                f"val/<class>/")
-        only_train = sorted(set(found["train"]) - set(found["val"]))
-        only_val = sorted(set(found["val"]) - set(found["train"]))
-        if only_train or only_val:
-            raise OwnDataLayoutError(
-                f"{src.where()}: the class folders of train/ and val/ differ (only in train/: {_some(only_train) or '-'};"
-                f" only in val/: {_some(only_val) or '-'}). Every class needs a folder in both: add or rename the "
-                f"folders so train/ and val/ hold the same classes")
-        for split in ("train", "val"):
-            for cls, images in found[split].items():
-                if not images:
-                    others = len([s for s in skipped if s.startswith(f"{split}/{cls}/")])
-                    raise OwnDataLayoutError(
-                        f"{src.where(f'{split}/{cls}/')} holds no images{f' ({others} files PIL cannot open)' if others else ''}:"
-                        f" an empty class. Add images (any format PIL reads: .jpg, .png, .webp, .tif, ...) or remove "
-                        f"the class from train/ and val/")
-        for cls, images in found["train"].items():
-            if len(images) <= per_class:
-                raise OwnDataLayoutError(
-                    f"{src.where(f'train/{cls}/')} has {len(images)} images, but the held-out calibration split takes "
-                    f"data.calibration_per_class={per_class} per class and training needs at least one more: add "
-                    f"train images to this class or lower data.calibration_per_class")
+        found, skipped = _scan_class_folders(src)
+        _check_class_folders(src, found, skipped, per_class)
         for split in ("train", "val"):
             for cls, images in found[split].items():
                 for rel in images:
@@ -192,8 +193,8 @@ def build_class_folders(link: Path, entry: dict, root: Path, per_class: int) -> 
     finally:
         src.close()
     classes = [{"id": c, "name": c} for c in sorted(found["train"])]
-    info = {**source_report(entry), "source_layout": "train/<class>/ + val/<class>/", "skipped_files": len(skipped),
-            "skipped_examples": skipped[:20]}
+    info = {**source_report(entry), "source_layout": "train/<class>/ + val/<class>/",
+            "skipped_files": len(skipped), "skipped_examples": skipped[:20]}
     return classes, info
 
 
@@ -232,7 +233,7 @@ def build_coco_folder(link: Path, entry: dict, root: Path) -> dict:
             info["crowd_annotations"][split] = sum(bool(a.get("iscrowd")) for a in coco["annotations"])
             info["images_without_annotations"][split] = sum(i["id"] not in annotated for i in coco["images"])
             info["annotations_without_masks"][split] = sum(not a.get("segmentation") for a in coco["annotations"])
-            info["unlisted_files"][split] = len(set(_files(src.base / split)) - listed)
+            info["unlisted_files"][split] = len(set(tree_files(src.base / split)) - listed)
             for name in sorted(listed):
                 src.place(src.base / split / name, root / f"{split}2017" / name)
             write_json_atomic(root / "annotations" / f"instances_{split}2017.json", coco)
