@@ -47,8 +47,8 @@ class SourceParams(_Section):
     md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
 
 
-# data.sources keys of your own data (data.dataset: folder, data.detection_dataset: coco_folder)
-OWN_DATA_SOURCES = {"folder": "folder", "coco_folder": "coco_folder"}
+# your own data (data.dataset: folder, data.detection_dataset: coco_folder); each name is its data.sources key
+OWN_DATASETS = ("folder", "coco_folder")
 
 
 class DataParams(_Section):
@@ -69,7 +69,7 @@ class DataParams(_Section):
     @model_validator(mode="after")
     def _own_data_has_a_source(self) -> "DataParams":
         for key, chosen in (("dataset", self.dataset), ("detection_dataset", self.detection_dataset)):
-            if chosen in OWN_DATA_SOURCES and OWN_DATA_SOURCES[chosen] not in self.sources:
+            if chosen in OWN_DATASETS and chosen not in self.sources:
                 layout = ("train/<class>/ and val/<class>/ image folders" if chosen == "folder" else
                           "train/ and val/ image folders plus annotations/instances_train.json and "
                           "annotations/instances_val.json (COCO)")

@@ -19,12 +19,10 @@ import os
 import shutil
 from pathlib import Path
 
-from overlock.params import OWN_DATA_SOURCES
+from overlock.params import OWN_DATASETS
 from overlock.state import file_digest, read_json, write_json_atomic
 
 __all__ = ["OWN_DATASETS", "own_datasets", "tree_files", "tree_digest", "place_own_source", "OwnDataError"]
-
-OWN_DATASETS = tuple(OWN_DATA_SOURCES)
 
 
 class OwnDataError(RuntimeError):
