@@ -115,13 +115,15 @@ def make_coco_tree(root: Path, edit=None) -> Path:
 
 
 def _pack(folder: Path, archive: Path, top: str | None = None) -> Path:
-    """Pack ``folder`` as a tar.gz or zip (optionally inside one top-level folder ``top``)."""
+    """Pack ``folder`` as a tar.gz or zip (optionally inside one top-level folder ``top``; a zip as macOS
+    writes it, with a ``__MACOSX/`` folder beside it)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     arc = lambda p: (f"{top}/" if top else "") + p.relative_to(folder).as_posix()
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive, "w") as zf:
             for p in files:
                 zf.write(p, arc(p))
+            zf.writestr(f"__MACOSX/{top or 'x'}/._train", b"\x00\x05\x16\x07")
     else:
         with tarfile.open(archive, "w:gz") as tf:
             for p in files:

@@ -73,7 +73,7 @@ class _Source:
             safe_extract(Path(link), unpacked)
             self.base, self.prefix, self.moves = unpacked, "", True
         self.unpacked = self.base if self.moves else None
-        entries = [p for p in self.base.iterdir() if not p.name.startswith(".")]
+        entries = [p for p in self.base.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
         if not (self.base / "train").exists() and len(entries) == 1 and entries[0].is_dir():
             self.prefix = entries[0].name + "/"  # everything in one top-level folder
             self.base = entries[0]
