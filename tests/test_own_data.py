@@ -423,6 +423,13 @@ def test_tar_gz_class_folders_in_a_top_folder_extract_like_the_directory(tmp_pat
     assert report["classification"]["source"]["kind"] == "archive"
     assert not list((tmp_path / "built").glob(".*unpacked"))  # the unpacked archive is gone
     assert ClassificationDataset(tmp_path / "built", "val")[0][0].mode == "RGB"
+    # the same images as a directory: the same deterministic calibration split
+    params = parse_params({"data": {"dataset": "folder", "detection_dataset": "none", "calibration_per_class": 1,
+                                    "sources": {"folder": str(good_sources["classes"])}}})
+    manifest = {"folder": place_own_source("folder", params.data.source("folder"), archives, tmp_path / "state")}
+    layouts.build_all(params, archives, manifest, tmp_path / "from_dir")
+    splits = [json.loads((tmp_path / d / "classification/splits.json").read_text()) for d in ("built", "from_dir")]
+    assert splits[0] == splits[1] and len(splits[0]["calibration"]) == 3
 
 
 def test_files_added_after_download_are_named_with_the_fix(tmp_path, monkeypatch):
