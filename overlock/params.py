@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from overlock.registry import ARCH_NAMES, OVERLOCK_SIZES, resolve_model
 
-DatasetName = Literal["demo", "imagenet1k", "imagenet100", "cifar10"]
-DetectionDatasetName = Literal["demo_coco", "coco2017", "none"]
+DatasetName = Literal["demo", "imagenet1k", "imagenet100", "cifar10", "folder"]
+DetectionDatasetName = Literal["demo_coco", "coco2017", "coco_folder", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -40,19 +40,47 @@ class DemoDataParams(_Section):
     coco_image_size: int = Field(128, ge=32, le=1024)
 
 
+class SourceParams(_Section):
+    """One archive source with an optional checksum: ``{path: /data/mine.tar.gz, sha256: ...}``."""
+    path: str = Field(min_length=1, description="http(s) URL, file:// URL or local path (file or directory)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
+
+
+# your own data (data.dataset: folder, data.detection_dataset: coco_folder); each name is its data.sources key
+OWN_DATASETS = ("folder", "coco_folder")
+
+
 class DataParams(_Section):
     """Which datasets the ``download``/``extract`` stages prepare and where their archives come from."""
     dataset: DatasetName = "demo"
     detection_dataset: DetectionDatasetName = "demo_coco"
     root: str = "data"
-    # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths)
-    sources: dict[str, str] = Field(default_factory=dict)
+    # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths), or
+    # {path: ..., sha256: ...}; your own data: `folder` / `coco_folder` -> a directory or a tar/tar.gz/zip
+    sources: dict[str, str | SourceParams] = Field(default_factory=dict)
     download_retries: int = Field(5, ge=0, le=50)
     # held-out calibration split: images per class taken deterministically from train, never trained on
     calibration_per_class: int = Field(5, ge=1)
     # image check of the extract stage: full = decode every image (parallel over all cores), header = PIL verify
     verify_images: Literal["full", "header"] = "full"
     demo: DemoDataParams = Field(default_factory=DemoDataParams)
+
+    @model_validator(mode="after")
+    def _own_data_has_a_source(self) -> "DataParams":
+        for key, chosen in (("dataset", self.dataset), ("detection_dataset", self.detection_dataset)):
+            if chosen in OWN_DATASETS and chosen not in self.sources:
+                layout = ("train/<class>/ and val/<class>/ image folders" if chosen == "folder" else
+                          "train/ and val/ image folders plus annotations/instances_train.json and "
+                          "annotations/instances_val.json (COCO)")
+                raise ValueError(f"data.{key}={chosen!r} needs data.sources.{chosen}: the path of a directory or "
+                                 f"a tar/tar.gz/zip archive holding {layout}")
+        return self
+
+    def source(self, key: str) -> SourceParams | None:
+        """``data.sources[key]`` as a :class:`SourceParams` (a plain string is its path), None when unset."""
+        value = self.sources.get(key)
+        return SourceParams(path=value) if isinstance(value, str) else value
 
 
 class ModelParams(_Section):

@@ -6,7 +6,9 @@ symlinked, never copied). Transfers go to a ``.partial`` name in the state direc
 (``.overlock/state/download/``) and are renamed only once their md5/sha256 matches, so a partial download
 survives DVC deleting ``data/archives`` and a wrong file never lands at the final name. Verified files are
 remembered by (path, size, mtime), so a re-run does no work. The demo archives are generated into the state
-directory with their sha256 and then "downloaded" from ``file://`` like any other archive.
+directory with their sha256 and then "downloaded" from ``file://`` like any other archive. Your own data
+(``data.dataset: folder``, ``data.detection_dataset: coco_folder``) is placed by
+:mod:`overlock.data.own_sources`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from overlock.data import demo
+from overlock.data.own_sources import OWN_DATASETS, own_datasets, place_own_source
 from overlock.data.sources import (DEMO_ARCHIVES, LOGIN_REQUIRED, ArchiveSpec, published_archives,
                                    published_specs, selected_datasets)
 from overlock.state import STATE_ROOT, file_digest, read_json, write_json_atomic
@@ -247,17 +250,28 @@ def archive_specs(params, state: Path) -> list[ArchiveSpec]:
     """The archives of the selected datasets (demo archives are generated into ``state``)."""
     specs: list[ArchiveSpec] = []
     for name in selected_datasets(params.data):
+        if name in OWN_DATASETS:  # placed by own_sources.place_own_source
+            continue
         specs += demo_archive_specs(name, params, state) if name in DEMO_ARCHIVES else published_specs(name)
     return specs
 
 
 def _check_sources(params, specs: list[ArchiveSpec]) -> None:
     known = {e["file"] for k, d in published_archives().items() if not k.startswith("_") for e in d.values()}
-    known |= {f for d in DEMO_ARCHIVES.values() for f in d.values()}
+    known |= {f for d in DEMO_ARCHIVES.values() for f in d.values()} | set(OWN_DATASETS)
     unknown = sorted(set(params.data.sources) - known)
     if unknown:
         raise DownloadError(f"data.sources names unknown archive(s) {unknown}; the keys are archive file names, "
-                            f"e.g. {', '.join(s.file for s in specs)}")
+                            f"e.g. {', '.join(s.file for s in specs) or 'ILSVRC2012_img_val.tar'}, or "
+                            f"{' / '.join(OWN_DATASETS)} for your own data")
+    for s in specs:
+        given = params.data.source(s.file)
+        if given is not None and (given.sha256 or given.md5):
+            algo, digest = s.checksum
+            mine = given.sha256 if algo == "sha256" else given.md5
+            if (mine or "").lower() != digest.lower():
+                raise DownloadError(f"data.sources.{s.file} gives a checksum, but {s.file} is a published archive "
+                                    f"checked against its published {algo} {digest}; drop the checksum")
     missing = [s for s in specs if not (params.data.sources.get(s.file) or s.url)]
     if missing:
         lines = "\n".join(f"  {s.file}: /path/to/{s.file}" for s in missing)
@@ -282,16 +296,24 @@ def run_download(params, run, out: Path) -> dict:
     verified = VerifiedFiles(state / "verified.json")
     actions, manifest = {}, {}
     for spec in tqdm(specs, desc="archives", unit="archive", disable=None):
-        source = params.data.sources.get(spec.file) or spec.url
+        given = params.data.source(spec.file)
+        source = given.path if given else spec.url
         algo, digest = spec.checksum
         actions[spec.file] = fetch_archive(source, out / spec.file, algo, digest, params.data.download_retries,
                                            cache_dir=state / "archives", verified=verified)
         log.info("%s: %s", spec.file, actions[spec.file])
         manifest[spec.file] = {"dataset": spec.dataset, "role": spec.role, "algo": algo, "digest": digest,
                                "size": (out / spec.file).stat().st_size, "source": source}
+    for key in tqdm(own_datasets(params.data), desc="your own data", unit="source", disable=None):
+        manifest[key] = place_own_source(key, params.data.source(key), out, state, params.data.download_retries)
+        actions[key] = "linked"
+        log.info("%s: %s %s (%d files, sha256 %s)", key, manifest[key]["kind"], manifest[key]["source"],
+                 manifest[key]["files"], manifest[key]["digest"])
     for stale in out.iterdir():  # archives of another configuration (links; the state copies are kept)
         if stale.name not in manifest and stale.name != MANIFEST and (stale.is_file() or stale.is_symlink()):
             stale.unlink()
+        elif stale.name not in manifest and stale.name in OWN_DATASETS and stale.is_dir():
+            shutil.rmtree(stale)  # an own-data link tree of another configuration
     write_json_atomic(out / MANIFEST, manifest)
     total = sum(m["size"] for m in manifest.values())
     counts = {a: sum(v == a for v in actions.values()) for a in ("downloaded", "resumed", "linked", "skipped")}

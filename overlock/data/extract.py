@@ -153,7 +153,11 @@ def read_manifest(archives: Path) -> dict:
                            f"(python -m stages.download --params params.yaml --out {archives}).")
     for file, entry in manifest.items():
         path = Path(archives) / file
-        if not path.exists() or path.stat().st_size != entry["size"]:
+        if entry.get("kind") == "directory":  # own data: a tree of links (DVC hashes what they point at)
+            changed = not path.is_dir()
+        else:
+            changed = not path.exists() or path.stat().st_size != entry["size"]
+        if changed:
             raise ArchiveError(f"archive {path} is missing or changed since it was verified; run the download "
                                f"stage again.")
     return manifest
@@ -167,6 +171,7 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     per-class chart) to ``run``. Returns the integrity report (``"skipped": True`` when nothing changed).
     """
     from overlock.data import layouts
+    from overlock.data.own_sources import own_datasets
     from overlock.tracking import write_metrics_file
     archives, out = Path(archives), Path(out)
     manifest = read_manifest(archives)
@@ -178,7 +183,12 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     else:
         staging = stage_state_dir("extract", params, ("data",), extra=key) / "staging"
         staging.mkdir(parents=True, exist_ok=True)
-        layouts.build_all(params, archives, manifest, staging)
+        try:
+            layouts.build_all(params, archives, manifest, staging)
+        except Exception:
+            if own_datasets(params.data):  # nothing to resume (links are cheap): leave no partial tree behind
+                shutil.rmtree(staging.parent, ignore_errors=True)
+            raise
         write_json_atomic(staging / COMPLETE, {"fingerprint": key})
         _move_dir(staging, out)
     report = read_json(out / layouts.REPORT)

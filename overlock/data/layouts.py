@@ -5,6 +5,8 @@
 * ImageNet-100: the CMC subset, as relative symlinks into an ImageNet-1K tree next to it (no copies).
 * CIFAR-10: the python batches to ``train/<class>/*.png`` and ``val/<class>/*.png``.
 * COCO 2017: ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``.
+* Your own data (``folder``, ``coco_folder``): checked and placed by :mod:`overlock.data.own_layouts` into the
+  same layouts (class folders; the COCO 2017 layout).
 
 Then ``classification/classes.json`` + ``splits.json`` (deterministic per-class calibration split,
 unreadable images excluded) and ``detection/splits/{train,calibration}.json``, and the integrity report.
@@ -29,12 +31,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from overlock.data.extract import ArchiveError, check_tar_members, safe_extract, safe_extract_tar
+from overlock.data.own_layouts import build_class_folders, build_coco_folder, image_suffixes
 from overlock.data.sources import archive_dataset, expected_counts, imagenet100_classes
 from overlock.state import write_json_atomic
 
 log = logging.getLogger(__name__)
 REPORT = "integrity_report.json"
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = image_suffixes()  # every format PIL opens
 PARALLEL_VERIFY_MIN = 2000
 
 
@@ -230,8 +233,9 @@ def classification_splits(root: Path, classes: list[dict], seed: int, per_class:
     for k, c in enumerate(classes):
         usable = [p for p in files["train"][c["id"]] if p not in bad]
         if len(usable) <= per_class:
-            raise ArchiveError(f"class {c['id']} has only {len(usable)} readable train images, not more than "
-                               f"data.calibration_per_class={per_class}; lower data.calibration_per_class")
+            raise ArchiveError(f"class {c['id']} (train/{c['id']}/) has only {len(usable)} readable train images, "
+                               f"not more than data.calibration_per_class={per_class}; add train images to the "
+                               f"class or lower data.calibration_per_class")
         pick = np.random.default_rng([seed % (2**32), k]).choice(len(usable), per_class, replace=False)
         held = sorted(usable[i] for i in pick)
         calibration += held
@@ -291,7 +295,8 @@ def detection_splits(root: Path, seed: int, per_class: int, mode: str) -> dict:
     (root / "splits").mkdir(exist_ok=True)
     write_json_atomic(root / "splits" / "train.json", _coco_subset(train, keep))
     write_json_atomic(root / "splits" / "calibration.json", _coco_subset(train, cal))
-    report.update(categories=len(train["categories"]), excluded=len(report["excluded_files"]),
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]  # the detector's classes
+    report.update(categories=len(train["categories"]), category_names=names, excluded=len(report["excluded_files"]),
                   splits={"train": len(keep), "calibration": len(cal), "val": report["images"]["val"]})
     return report
 
@@ -322,7 +327,10 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
     mode = data.verify_images
     cls_root = root / "classification"
     a = _archives_by_role(manifest, archives, data.dataset)
-    if data.dataset in ("demo", "imagenet1k"):
+    extra: dict = {}
+    if data.dataset == "folder":
+        classes, extra = build_class_folders(a["data"], manifest["folder"], cls_root, data.calibration_per_class)
+    elif data.dataset in ("demo", "imagenet1k"):
         classes = build_imagenet(a["train"], a["val"], a["devkit"], cls_root)
     elif data.dataset == "imagenet100":
         full = root / "imagenet1k"
@@ -331,14 +339,20 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
         classes = link_imagenet100(full, cls_root)
     else:
         classes = build_cifar10(a["python"], cls_root)
+    if data.detection_dataset == "coco_folder":  # checked before the (long) image verification of either
+        d = _archives_by_role(manifest, archives, data.detection_dataset)
+        det_extra = build_coco_folder(d["data"], manifest["coco_folder"], root / "detection")
     report = {"verify_images": mode,
               "classification": _with_expected({"dataset": data.dataset, **classification_splits(
-                  cls_root, classes, params.seed, data.calibration_per_class, mode)}, data.dataset)}
+                  cls_root, classes, params.seed, data.calibration_per_class, mode), **extra}, data.dataset)}
     if data.detection_dataset != "none":
-        d = _archives_by_role(manifest, archives, data.detection_dataset)
-        build_coco(d["train"], d["val"], d["annotations"], root / "detection")
+        if data.detection_dataset != "coco_folder":
+            d = _archives_by_role(manifest, archives, data.detection_dataset)
+            build_coco(d["train"], d["val"], d["annotations"], root / "detection")
+            det_extra = {}
         report["detection"] = _with_expected({"dataset": data.detection_dataset, **detection_splits(
-            root / "detection", params.seed, data.calibration_per_class, mode)}, data.detection_dataset)
+            root / "detection", params.seed, data.calibration_per_class, mode), **det_extra},
+            data.detection_dataset)
     write_json_atomic(root / REPORT, report)
     plot_class_counts(report["classification"], root / "integrity_classes.png")
     return report
@@ -357,6 +371,10 @@ def report_metrics(report: dict) -> dict:
                                             {"categories": r["categories"]}))
         if "annotations" in r:
             m.update({f"{k}_annotations": v for k, v in r["annotations"].items()})
+        if "skipped_files" in r:  # own data: files in class folders PIL cannot open
+            m["skipped_files"] = r["skipped_files"]
+        for key in ("crowd_annotations", "images_without_annotations", "unlisted_files"):
+            m.update({f"{k}_{key}": v for k, v in r.get(key, {}).items()})
         if "expected" in r:
             m.update({f"expected_{k}": v for k, v in r["expected"].items()},
                      matches_expected=int(r["matches_expected"]))

@@ -68,8 +68,8 @@ def published_specs(dataset: str) -> list[ArchiveSpec]:
 
 
 def expected_counts(dataset: str) -> dict[str, int]:
-    """Published image counts per split (``train``/``val``), empty when unknown (demo, ImageNet-100)."""
-    if dataset in DEMO_ARCHIVES or dataset == "imagenet100":
+    """Published image counts per split (``train``/``val``), empty when unknown (demo, ImageNet-100, own data)."""
+    if dataset in DEMO_ARCHIVES or dataset in ("imagenet100", "folder", "coco_folder"):
         return {}
     out: dict[str, int] = {}
     for spec in published_specs(dataset):

@@ -68,6 +68,11 @@ def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, tupl
             raise FileNotFoundError(
                 f"detection {split} split missing ({ann} / {img}): run the extract stage first "
                 f"(`dvc repro extract`) with data.detection_dataset set (now {params.data.detection_dataset!r})")
+    bare = _annotations_without_masks(Path(data))
+    if ft.mode == "train" and ft.detector == "mask_rcnn" and bare:
+        raise ValueError(f"{bare} train annotations of data.detection_dataset={params.data.detection_dataset!r} have "
+                         f"no segmentation, which Mask R-CNN trains on: set finetune.detector=faster_rcnn for a "
+                         f"boxes-only dataset, or add the masks (see data/datasets/integrity_report.json)")
     if (ft.mode == "evaluate" or ft.init == "checkpoint") and not ft.checkpoint:
         raise ValueError(f"finetune.{'mode=evaluate' if ft.mode == 'evaluate' else 'init=checkpoint'} needs "
                          "finetune.checkpoint: the path of the checkpoint file")
@@ -77,6 +82,12 @@ def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, tupl
                 if ft.init in ("ema", "raw") and ft.mode == "train" else "check finetune.checkpoint")
         raise FileNotFoundError(f"checkpoint {source} not found: {hint}")
     return files
+
+
+def _annotations_without_masks(data: Path) -> int:
+    """Train annotations without a mask, as the extract stage's integrity report counts them (own data)."""
+    report = read_json(Path(data) / "integrity_report.json") or {}
+    return int(report.get("detection", {}).get("annotations_without_masks", {}).get("train", 0))
 
 
 def _state_dir(params: Params, data: Path, classifier: Path) -> Path:
