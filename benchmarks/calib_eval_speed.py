@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from overlock.calibration.metrics import classification_calibration
+    from overlock.metrics.calibration import classification_calibration
     from overlock.calibration.temperature import fit_temperature
 
     g = torch.Generator().manual_seed(0)
