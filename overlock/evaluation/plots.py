@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
-from overlock.figures import plt
-from overlock.figures import save_figure as _save
+from overlock.figures import plt, save_figure
 
 
 def confusion_matrix_plot(
@@ -48,7 +48,7 @@ def confusion_matrix_plot(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_bar(
@@ -64,7 +64,7 @@ def per_class_bar(
     ax.set_ylabel("class")
     ax.set_title(title if len(values) <= max_items else f"{title} (lowest {max_items} of {len(values)})")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(history: list[dict], path: Path, title: str = "Training curves") -> Path | None:
@@ -96,7 +96,7 @@ def training_curves(history: list[dict], path: Path, title: str = "Training curv
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def erf_heatmap(erf: np.ndarray, path: Path, title: str, input_size: int) -> Path:
@@ -107,7 +107,7 @@ def erf_heatmap(erf: np.ndarray, path: Path, title: str, input_size: int) -> Pat
     ax.set_xlabel(f"input x (pixels, {input_size} px wide)")
     ax.set_ylabel("input y (pixels)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(
@@ -124,7 +124,7 @@ def image_grid(
         ax.imshow(img)
         ax.set_title(name, fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def complexity_bars(rows: list[dict], path: Path) -> Path:
@@ -140,7 +140,7 @@ def complexity_bars(rows: list[dict], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Speed on this machine")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _draw_instances(ax, image: np.ndarray, instances: list[dict], color: str) -> None:
@@ -180,4 +180,4 @@ def detection_pairs(rows: list[tuple], path: Path) -> Path:
         _draw_instances(ax_pred, image, preds, "#d62728")
         ax_pred.set_title(f"{name}: predicted ({len(preds)})", fontsize=9)
     fig.suptitle("Detector on validation images: ground truth vs. predictions")
-    return _save(fig, path)
+    return save_figure(fig, path)
