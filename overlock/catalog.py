@@ -30,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)   # timm.data.IMAGENET_DEFAULT_STD
 
 @dataclass(frozen=True)
 class InputCfg:
-    """Evaluation preprocessing of a variant (timm's ``input_size``/``crop_pct``/``interpolation``/mean/std)."""
+    """Evaluation preprocessing of a variant (timm's input_size, crop_pct, interpolation, mean, std)."""
     input_size: tuple[int, int, int] = (3, 224, 224)
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
@@ -52,7 +52,7 @@ class ModelCfg:
     input: InputCfg                  # evaluation preprocessing
     first_conv: str                  # timm pretrained-cfg fields
     classifier: str
-    dense_model: str                 # "module:Class" of the dense model; its ``pyramid_channels`` feed the FPN
+    dense_model: str                 # "module:Class" of the dense model (its pyramid_channels feed the FPN)
     mmdet_backbone: str              # type name in MMDetection's BACKBONES
     mmdet_adapter: str               # "module:Class" whose ``variant_class(cfg)`` is registered as that type
     dense_args: Mapping[str, Any] = field(default_factory=dict)  # extra arguments of the dense model
@@ -68,8 +68,8 @@ class ModelCfg:
         return {**copy.deepcopy(dict(self.model_args)), **overrides}
 
     def pyramid_channels(self, overrides: Mapping[str, Any] | None = None) -> tuple[int, ...]:
-        """Channels of the 4 dense levels (the FPN's in_channels), read from the dense model built (on the meta
-        device) with ``model.overrides`` applied; cached per overrides."""
+        """Channels of the 4 dense levels (the FPN's in_channels), read from the dense model built (on the
+        meta device) with ``model.overrides`` applied; cached per overrides."""
         key = json.dumps(dict(overrides or {}), sort_keys=True, default=list)
         return _pyramid_channels(self.arch, self.size, key)
 
@@ -120,7 +120,8 @@ _OVERLOCK = {
 }
 
 
-def _overlock(size: str, arch: dict, drop_path: float, detection_drop_path: float, crop_pct: float) -> ModelCfg:
+def _overlock(size: str, arch: dict, drop_path: float, detection_drop_path: float,
+              crop_pct: float) -> ModelCfg:
     args = {"depth": arch["depth"], "sub_depth": arch["sub_depth"], "embed_dim": arch["embed_dim"],
             "kernel_size": _KERNELS, "mlp_ratio": _MLP, "sub_num_heads": arch["sub_num_heads"],
             "sub_mlp_ratio": (3, 3)}
@@ -138,7 +139,8 @@ def _overlock(size: str, arch: dict, drop_path: float, detection_drop_path: floa
 # ------------------------------------------------------------------------------------------------ baselines
 _BASELINE_FAMILY = {  # family: (classifier/dense class, first conv, classifier, interpolation)
     "resnet": ("overlock.models.baselines.resnet:DCResNet", "conv1", "fc", "bilinear"),
-    "mobilenetv2": ("overlock.models.baselines.mobilenetv2:DCMobileNetV2", "features.0.0", "classifier", "bilinear"),
+    "mobilenetv2": ("overlock.models.baselines.mobilenetv2:DCMobileNetV2", "features.0.0", "classifier",
+                    "bilinear"),
     "convnext": ("overlock.models.baselines.convnext:DCConvNeXt", "downsample_layers.0.0", "head", "bicubic"),
 }
 _BASELINES = {
@@ -167,8 +169,9 @@ def _baseline(arch: str, family: str, args: dict, drop_path: float, detection_dr
         arch=arch, size=None, family=family, timm_name=f"dc_{arch}", module="overlock.models.baselines",
         model_args=MappingProxyType(dict(args)), drop_path_rate=drop_path,
         detection_drop_path_rate=detection_drop_path, input=InputCfg(interpolation=interpolation),
-        first_conv=first_conv, classifier=classifier, dense_model=cls, dense_args=MappingProxyType({"num_classes": 0}),
-        mmdet_backbone=f"dc_{arch}", mmdet_adapter="overlock.detection.baseline_backbones:DenseBaselineBackbone")
+        first_conv=first_conv, classifier=classifier, dense_model=cls,
+        dense_args=MappingProxyType({"num_classes": 0}), mmdet_backbone=f"dc_{arch}",
+        mmdet_adapter="overlock.detection.baseline_backbones:DenseBaselineBackbone")
 
 
 # ------------------------------------------------------------------------------------------------ the catalog
@@ -182,7 +185,8 @@ ARCH_NAMES = tuple(dict.fromkeys(cfg.arch for cfg in CATALOG.values()))
 
 
 def model_cfg(arch: str, size: str = "xt") -> ModelCfg:
-    """The entry of ``model.arch``/``model.size`` (size only matters for OverLoCK); errors list the valid names."""
+    """The entry of ``model.arch``/``model.size`` (the size matters for OverLoCK only); errors list the
+    valid names."""
     if arch == "overlock":
         if size not in OVERLOCK_SIZES:
             raise ValueError(f"unknown OverLoCK size {size!r}; valid: {', '.join(OVERLOCK_SIZES)}")

@@ -41,7 +41,8 @@ PUBLISHED_CLASSIFIER_PARAMS_M = {
 }
 DYNAMIC_ARCHS = [a for a, s in BASELINE_ARCHS.items() if s["conv_type"] != "plain"]
 # channels of the 4 dense levels (strides 4-32) of the official networks, per family
-PYRAMIDS = {"resnet": (256, 512, 1024, 2048), "mobilenetv2": (24, 32, 96, 1280), "convnext": (96, 192, 384, 768)}
+PYRAMIDS = {"resnet": (256, 512, 1024, 2048), "mobilenetv2": (24, 32, 96, 1280),
+            "convnext": (96, 192, 384, 768)}
 
 
 def tiny_overrides(arch: str) -> dict:

@@ -110,7 +110,8 @@ def test_params_reach_the_config(tmp_path):
                                         "checkpoint_interval": 4, "drop_path_rate": 0.05}})
     cfg = build_detection_config(params, tmp_path / "data", tmp_path / "wd", ["a", "b"])
     assert cfg.model.backbone == {"type": "overlock_xt", "drop_path_rate": 0.05, "out_indices": (0, 1, 2, 3), **TINY}
-    assert cfg.model.neck.in_channels == list(resolve_model("overlock", "xt").pyramid_channels(TINY)) == [16, 32, 88, 120]
+    assert cfg.model.neck.in_channels == [16, 32, 88, 120]
+    assert tuple(cfg.model.neck.in_channels) == resolve_model("overlock", "xt").pyramid_channels(TINY)
     assert cfg.model.roi_head.bbox_head.num_classes == 2 and cfg.model.roi_head.mask_head.num_classes == 2
     assert cfg.data.train.ann_file.endswith("detection/splits/train.json") and cfg.data.train.classes == ("a", "b")
     assert cfg.data.test.ann_file.endswith("annotations/instances_val2017.json")

@@ -20,7 +20,8 @@ from overlock.models.overlock import OVERLOCK_ARCHS, OverLoCKBackbone
 from overlock.registry import ARCH_NAMES, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [16, 32, 64, 96], "kernel_size": [7, 7, 7, 7]}
+TINY = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [16, 32, 64, 96],
+        "kernel_size": [7, 7, 7, 7]}
 
 
 def _published() -> dict:
@@ -31,12 +32,14 @@ def test_importing_the_catalog_and_params_loads_neither_torch_nor_timm():
     code = ("import sys, overlock.params, overlock.registry, overlock.catalog; "
             "print(sorted(m for m in ('torch', 'timm', 'mmdet') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_every_timm_registration_has_a_catalog_entry_and_back():
-    assert set(timm.list_models("overlock_*")) | set(timm.list_models("dc_*")) == {c.timm_name for c in CATALOG.values()}
+    registered = set(timm.list_models("overlock_*")) | set(timm.list_models("dc_*"))
+    assert registered == {c.timm_name for c in CATALOG.values()}
     assert set(ARCH_NAMES) == {"overlock", *BASELINE_ARCHS}
     assert OVERLOCK_ARCHS == {size: CATALOG[f"overlock_{size}"].model_kwargs() for size in OVERLOCK_SIZES}
     for arch, spec in BASELINE_ARCHS.items():
@@ -71,9 +74,11 @@ def test_overlock_entries_agree_with_the_published_tables():
     for size in OVERLOCK_SIZES:
         cfg = model_cfg("overlock", size)
         imagenet = published["overlock_imagenet1k"][f"overlock_{size}"]
-        assert cfg.input.crop_pct == imagenet["crop_pct"] and cfg.input.input_size[1:] == (imagenet["input"],) * 2
+        assert cfg.input.crop_pct == imagenet["crop_pct"]
+        assert cfg.input.input_size[1:] == (imagenet["input"],) * 2
         assert cfg.drop_path_rate == imagenet["drop_path"]
-        assert list(cfg.pyramid_channels()) == published["overlock_coco_mask_rcnn"][f"overlock_{size}"]["pyramid_channels"]
+        coco = published["overlock_coco_mask_rcnn"][f"overlock_{size}"]
+        assert list(cfg.pyramid_channels()) == coco["pyramid_channels"]
 
 
 def test_pyramid_channels_come_from_the_built_backbone_with_the_overrides():

@@ -23,8 +23,8 @@ from overlock.metrics.calibration import binary_calibration, reliability_bins
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTOR_CALIBRATION_FILE", "match_detections", "fit_score_calibrator", "detection_calibration_report",
-           "calibrate_detector"]
+__all__ = ["DETECTOR_CALIBRATION_FILE", "match_detections", "fit_score_calibrator",
+           "detection_calibration_report", "calibrate_detector"]
 
 
 def match_detections(detections: list[dict], coco_gt, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +80,14 @@ def fit_score_calibrator(
         )
     if method == "temperature":
         z, y = score_logit(scores), torch.as_tensor(correct, dtype=torch.float64)
-        temperature = minimise_over_temperature(lambda t: F.binary_cross_entropy_with_logits(z / t, y), max_iter)
+        temperature = minimise_over_temperature(
+            lambda t: F.binary_cross_entropy_with_logits(z / t, y), max_iter)
         return ScoreCalibrator(method, temperature=temperature)
     if method == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, correct.astype(float))
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(scores, correct.astype(float))
         return ScoreCalibrator(
             method,
             knots_x=[float(v) for v in iso.X_thresholds_],
@@ -133,7 +135,9 @@ def calibrate_detector(params, detector_dir: Path, data_dir: Path, device) -> di
         dets = predict_coco(model, coco, img_prefix, desc=f"detect {split}")["bbox"]
         matched[split] = match_detections(dets, coco, cfg.detection_iou)
     try:
-        calibrator = fit_score_calibrator(cfg.detection_calibrator, *matched["calibration"], max_iter=cfg.max_iter)
+        calibrator = fit_score_calibrator(
+            cfg.detection_calibrator, *matched["calibration"], max_iter=cfg.max_iter
+        )
     except ValueError as err:  # e.g. an under-trained detector with no correct detection: report, don't fail
         log.warning("detector score calibrator not fitted: %s", err)
         counts = {f"{split}_detections": len(m[0]) for split, m in matched.items()}

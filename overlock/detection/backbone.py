@@ -1,7 +1,7 @@
 """The MMDetection 2.x adapter of the OverLoCK dense backbone.
 
-``OverLoCKDetBackbone`` (size-generic) and, through :meth:`OverLoCKDetBackbone.variant_class`, one subclass per
-catalog entry, registered by ``overlock.detection.registration`` as types ``overlock_xt``, ``overlock_t``,
+``OverLoCKDetBackbone`` (size-generic) and, through :meth:`OverLoCKDetBackbone.variant_class`, one subclass
+per catalog entry, registered by ``overlock.detection.registration`` as types ``overlock_xt``, ``overlock_t``,
 ``overlock_s``, ``overlock_b`` (the catalog's ``ModelCfg.mmdet_backbone``). Importing this module registers
 nothing; ``overlock.models`` never imports it, so it stays importable without mmdet/mmcv.
 Config example::
@@ -85,7 +85,7 @@ class OverLoCKDetBackbone(OverLoCKBackbone):
         if variant is None:
             variant = type(name, (cls,), {
                 "default_size": cfg.size,
-                "__doc__": f"OverLoCK-{cfg.size.upper()} dense backbone (MMDetection type ``{cfg.mmdet_backbone}``).",
+                "__doc__": f"OverLoCK-{cfg.size.upper()} dense backbone (mmdet ``{cfg.mmdet_backbone}``).",
                 "__module__": __name__,
             })
             globals()[name] = variant

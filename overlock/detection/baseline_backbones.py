@@ -89,13 +89,13 @@ class DenseBaselineBackbone:
     @classmethod
     def variant_class(cls, cfg: ModelCfg) -> type[nn.Module]:
         """The backbone class of the baseline catalog entry ``cfg``, importable by name (pickling)."""
-        base = baseline_class(cfg.arch)  # the class name keeps the family (mmdet's layer decay checks "ConvNeXt")
+        base = baseline_class(cfg.arch)  # the name keeps the family (mmdet's layer decay checks "ConvNeXt")
         name = f"{base.__name__}Backbone_{cfg.arch}"
         variant = globals().get(name)
         if variant is None:
             variant = type(name, (cls, base), {
                 "arch": cfg.arch,
-                "__doc__": f"MMDetection dense backbone of baseline {cfg.arch!r} (type ``{cfg.mmdet_backbone}``).",
+                "__doc__": f"MMDetection dense backbone of baseline {cfg.arch!r} (``{cfg.mmdet_backbone}``).",
                 "__module__": __name__,
             })
             globals()[name] = variant

@@ -19,8 +19,8 @@ from overlock.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "backbone_out_channels", "load_config", "coco_files",
-           "build_detection_config", "DEMO_MAX_ITERS"]
+__all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "backbone_out_channels", "load_config",
+           "coco_files", "build_detection_config", "DEMO_MAX_ITERS"]
 
 CONFIG_DIR = Path(str(resources.files("overlock.detection") / "configs"))
 DEMO_MAX_ITERS = 100

@@ -194,7 +194,7 @@ def evaluate_detector(model, cfg, distributed: bool = False) -> dict[str, float]
 
 # ---------------------------------------------------------------------------------------- training
 def _register_backbones(params: Params) -> None:
-    """Register the catalog's backbones in mmdet's BACKBONES; fails unless ``model.arch``/``model.size``'s is."""
+    """Register the catalog's backbones in mmdet's BACKBONES; fails unless this model's is registered."""
     from overlock.detection.registration import require_mmdet_backbone
     from overlock.registry import resolve_model
 

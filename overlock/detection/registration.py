@@ -14,7 +14,7 @@ __all__ = ["register_mmdet_backbones", "require_mmdet_backbone"]
 
 
 def register_mmdet_backbones() -> dict[str, type]:
-    """Register every catalog variant's backbone (and ``DynamicConvTemperatureHook``); returns type -> class."""
+    """Register every catalog variant's backbone and ``DynamicConvTemperatureHook``; returns type -> class."""
     from mmcv.runner import HOOKS
     from mmdet.models.builder import BACKBONES
 

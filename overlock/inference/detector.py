@@ -2,7 +2,8 @@
 
 Shared by the calibrate and evaluate stages. Loading and predicting need mmdet/mmcv-full;
 :func:`detector_skip_reason` tells the stages when there is no detector to use (``data.detection_dataset:
-none``, no ``detector.pth``, no MMDetection) so they skip the detector parts with that reason instead of failing.
+none``, no ``detector.pth``, no MMDetection) so they skip the detector parts with that reason instead of
+failing.
 """
 
 from __future__ import annotations

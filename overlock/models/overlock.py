@@ -60,7 +60,9 @@ __all__ = [
 CONTEXT_POOL_SIZE = 7
 
 # Architecture of each published size (the official registration functions), from the model catalog.
-OVERLOCK_ARCHS: dict[str, dict] = {size: CATALOG[f"overlock_{size}"].model_kwargs() for size in OVERLOCK_SIZES}
+OVERLOCK_ARCHS: dict[str, dict] = {
+    size: CATALOG[f"overlock_{size}"].model_kwargs() for size in OVERLOCK_SIZES
+}
 
 
 def overlock_arch(size: str) -> dict:
@@ -636,7 +638,8 @@ def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLo
 
 
 default_cfgs = generate_default_cfgs({
-    f"{cfg.timm_name}.{cfg.pretrained_tag}": cfg.pretrained_cfg() for cfg in CATALOG.values() if cfg.is_overlock
+    f"{cfg.timm_name}.{cfg.pretrained_tag}": cfg.pretrained_cfg()
+    for cfg in CATALOG.values() if cfg.is_overlock
 })
 
 

@@ -1,5 +1,5 @@
-"""``model.arch`` -> baseline class and settings (from ``overlock.catalog``), timm registration (``dc_<arch>``),
-official checkpoint mapping."""
+"""``model.arch`` -> baseline class and settings (from ``overlock.catalog``), timm registration
+(``dc_<arch>``), official checkpoint mapping."""
 
 from __future__ import annotations
 
