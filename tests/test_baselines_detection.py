@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from importlib import resources
 
 import numpy as np
@@ -244,3 +245,16 @@ def test_backbone_rejects_a_checkpoint_of_another_arch(tmp_path):
         backbone.init_weights()
     with pytest.raises(ValueError, match="out_indices"):
         build_backbone(dict(type="dc_mobilenetv2_100", out_indices=(1, 4)))
+
+
+def test_baseline_backbone_classes_unpickle_before_registration(monkeypatch):
+    """A pickled baseline backbone loads in a process that has not registered it yet (module ``__getattr__``)."""
+    import overlock.detection.baseline_backbones as module
+
+    cls = module.DenseBaselineBackbone.variant_class(resolve_model("resnet50"))
+    assert build_backbone(dict(type="dc_resnet50", **tiny("resnet"))).__class__ is cls
+    data = pickle.dumps(cls(**tiny("resnet")))
+    monkeypatch.delitem(vars(module), cls.__name__)  # as in a fresh process
+    restored = pickle.loads(data)
+    assert type(restored).__name__ == cls.__name__ == "DCResNetBackbone_resnet50"
+    assert restored.arch == "resnet50"
