@@ -159,7 +159,8 @@ def test_baseline_fpn_in_channels_follow_model_overrides(tmp_path):
                            "finetune": {"schedule": "1x"}})
     assert config_file("mask_rcnn", "1x", arch="kw1x_resnet50").parent.name == "baselines"
     cfg = build_detection_config(params, tmp_path / "data", tmp_path / "wd", ["a", "b"])
-    assert cfg.model.backbone.type == "dc_kw1x_resnet50" and cfg.model.backbone.embed_dim == [8, 16, 32, 64]
+    backbone = cfg.model.backbone
+    assert backbone["type"] == "dc_kw1x_resnet50" and backbone["embed_dim"] == [8, 16, 32, 64]
     assert cfg.model.neck.in_channels == [32, 64, 128, 256]
     assert tuple(cfg.model.neck.in_channels) == resolve_model("kw1x_resnet50").pyramid_channels(overrides)
     detector = build_detector(cfg.model).eval()
