@@ -46,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from overlock.calibration.metrics import classification_calibration
     from overlock.calibration.temperature import fit_temperature
+    from overlock.metrics.calibration import classification_calibration
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(args.samples, 1000, generator=g) * 3

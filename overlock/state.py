@@ -6,6 +6,7 @@ configuration's checkpoint.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -52,6 +53,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def write_csv_atomic(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    """Write ``rows`` (only ``columns``) as CSV through a temporary file and rename; return ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -93,7 +93,7 @@ def _train_calib_eval_classifier(data_dir, out, steps=60, overconfidence=4.0, si
     import torch
     from timm.utils import ModelEmaV3
 
-    from overlock.evaluation.classification import classification_split
+    from overlock.inference.classifier import classification_split
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from importlib import resources
 
 import numpy as np
@@ -14,16 +15,19 @@ import torch
 pytest.importorskip("mmcv.ops", reason="mmcv-full (with ops) is not installed")
 pytest.importorskip("mmdet")
 
-from mmcv import Config  # noqa: E402
 from mmcv.runner import EpochBasedRunner, Hook  # noqa: E402
 from mmdet.core import BitmapMasks, build_optimizer  # noqa: E402
 from mmdet.models import build_backbone, build_detector  # noqa: E402
 
 from overlock.detection.baseline_backbones import DynamicConvTemperatureHook  # noqa: E402
+from overlock.detection.config import load_config  # noqa: E402
+from overlock.detection.registration import register_mmdet_backbones  # noqa: E402
 from overlock.models.baselines import BASELINE_ARCHS, set_temperature  # noqa: E402
 from overlock.models.kernelwarehouse import KWConv2d  # noqa: E402
 from overlock.models.odconv import ODConv2d  # noqa: E402
 from overlock.registry import import_model_modules, resolve_model  # noqa: E402
+
+register_mmdet_backbones()
 
 torch.set_num_threads(1)
 
@@ -67,7 +71,7 @@ def count_m(model: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize("det,arch", ODCONV_ROWS)
 def test_odconv_table_detectors_match_published_parameter_counts(det, arch):
-    cfg = Config.fromfile(str(CONFIGS / f"{det}_{arch}_fpn_1x_coco.py"))
+    cfg = load_config(CONFIGS / f"{det}_{arch}_fpn_1x_coco.py")
     assert cfg.model.roi_head.bbox_head.num_classes == 80
     # the published counts include the unused ImageNet classifier the official detection backbones keep
     cfg.model.backbone.imagenet_head = True
@@ -79,7 +83,7 @@ def test_odconv_table_detectors_match_published_parameter_counts(det, arch):
 
 @pytest.mark.parametrize("arch", list(KW_CONFIGS))
 def test_kw_table_detectors_build_with_the_published_backbones(arch):
-    cfg = Config.fromfile(str(CONFIGS / KW_CONFIGS[arch]))
+    cfg = load_config(CONFIGS / KW_CONFIGS[arch])
     assert cfg.optimizer.type == "AdamW" and cfg.model.type == "MaskRCNN"
     with torch.device("meta"):
         detector = build_detector(cfg.model)
@@ -97,7 +101,7 @@ def test_kw_table_detectors_build_with_the_published_backbones(arch):
 @pytest.mark.parametrize("arch", list(BASELINE_ARCHS))
 def test_registry_backbone_gives_dense_levels_and_loads_classifier_weights(arch, tmp_path):
     spec = resolve_model(arch)
-    import_model_modules(spec)  # also registers the mmdet backbones once mmdet is imported
+    import_model_modules(spec)  # timm; the mmdet backbones are registered above
     torch.manual_seed(0)
     classifier = timm.create_model(
         spec.timm_name, num_classes=4, drop_path_rate=spec.drop_path_rate, **tiny(arch)
@@ -120,7 +124,8 @@ def test_registry_backbone_gives_dense_levels_and_loads_classifier_weights(arch,
     with torch.no_grad():
         feats = backbone(x)
         reference = classifier.forward_pyramid(x)
-    assert [f.shape[1] for f in feats] == list(spec.pyramid_channels) == list(backbone.out_channels)
+    assert [f.shape[1] for f in feats] == list(backbone.out_channels)
+    assert tuple(backbone.out_channels) == spec.pyramid_channels(tiny(arch))
     assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
     if "convnext" not in arch:  # ConvNeXt adds an output norm per level
         for f, r in zip(feats, reference):
@@ -153,7 +158,7 @@ def _mm_batch(n: int = 2, size: int = 64, classes: int = 3):
 
 @pytest.mark.parametrize("arch", ["odconv4x_resnet50", "kw4x_mobilenetv2_100", "kw1x_convnext_tiny"])
 def test_mask_rcnn_trains_a_step_through_dynamic_backbone(arch):
-    cfg = Config.fromfile(str(CONFIGS / (KW_CONFIGS.get(arch) or f"mask_rcnn_{arch}_fpn_1x_coco.py")))
+    cfg = load_config(CONFIGS / (KW_CONFIGS.get(arch) or f"mask_rcnn_{arch}_fpn_1x_coco.py"))
     cfg.model.backbone.update(tiny(arch))
     cfg.model.roi_head.bbox_head.num_classes = cfg.model.roi_head.mask_head.num_classes = 3
     detector = build_detector(cfg.model)
@@ -240,3 +245,16 @@ def test_backbone_rejects_a_checkpoint_of_another_arch(tmp_path):
         backbone.init_weights()
     with pytest.raises(ValueError, match="out_indices"):
         build_backbone(dict(type="dc_mobilenetv2_100", out_indices=(1, 4)))
+
+
+def test_baseline_backbone_classes_unpickle_before_registration(monkeypatch):
+    """A pickled baseline backbone loads in a process that has not registered it yet (module ``__getattr__``)."""
+    import overlock.detection.baseline_backbones as module
+
+    cls = module.DenseBaselineBackbone.variant_class(resolve_model("resnet50"))
+    assert build_backbone(dict(type="dc_resnet50", **tiny("resnet"))).__class__ is cls
+    data = pickle.dumps(cls(**tiny("resnet")))
+    monkeypatch.delitem(vars(module), cls.__name__)  # as in a fresh process
+    restored = pickle.loads(data)
+    assert type(restored).__name__ == cls.__name__ == "DCResNetBackbone_resnet50"
+    assert restored.arch == "resnet50"

@@ -40,6 +40,9 @@ PUBLISHED_CLASSIFIER_PARAMS_M = {
     "kw1x_convnext_tiny": 39.37,
 }
 DYNAMIC_ARCHS = [a for a, s in BASELINE_ARCHS.items() if s["conv_type"] != "plain"]
+# channels of the 4 dense levels (strides 4-32) of the official networks, per family
+PYRAMIDS = {"resnet": (256, 512, 1024, 2048), "mobilenetv2": (24, 32, 96, 1280),
+            "convnext": (96, 192, 384, 768)}
 
 
 def tiny_overrides(arch: str) -> dict:
@@ -217,7 +220,7 @@ def test_every_registry_baseline_builds_with_timm_and_declares_its_pyramid():
         import_model_modules(spec)
         with torch.device("meta"):
             model = timm.create_model(spec.timm_name, num_classes=7, drop_path_rate=spec.drop_path_rate)
-        assert model.pyramid_channels == spec.pyramid_channels, arch
+        assert model.pyramid_channels == spec.pyramid_channels() == PYRAMIDS[spec.family], arch
         assert model.get_classifier().out_features == 7
     model = timm.create_model(resolve_model("kw4x_mobilenetv2_100").timm_name, num_classes=4, depth=[1] * 7)
     feats = model.forward_pyramid(torch.randn(1, 3, 64, 64))
@@ -263,11 +266,12 @@ def test_training_step_on_a_batch_of_one_uses_running_statistics(arch):
 
 
 def test_pyramid_channels_follow_width_overrides():
-    from overlock.models.baselines import baseline_pyramid_channels
+    def baseline_pyramid_channels(arch, **overrides):
+        return resolve_model(arch).pyramid_channels(overrides)
 
     assert baseline_pyramid_channels("kw1x_resnet50", embed_dim=[8, 16, 32, 64]) == (32, 64, 128, 256)
     assert baseline_pyramid_channels("odconv4x_mobilenetv2_100", width_mult=0.5) == (16, 16, 48, 1280)
-    assert baseline_pyramid_channels("convnext_tiny") == resolve_model("convnext_tiny").pyramid_channels
+    assert baseline_pyramid_channels("convnext_tiny") == PYRAMIDS["convnext"]
 
 
 def test_ema_copy_of_a_kw_model_assembles_kernels_from_its_own_warehouse():

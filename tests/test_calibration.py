@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from overlock.calibration.detection import ScoreCalibrator, match_detections
-from overlock.calibration.metrics import (
+from overlock.calibration.detection import fit_score_calibrator, match_detections
+from overlock.calibration.temperature import EvaluationSplitError, fit_temperature
+from overlock.inference.calibrated import ScoreCalibrator, load_temperature
+from overlock.metrics.calibration import (
     adaptive_ece,
     binary_calibration,
     classification_calibration,
     reliability_bins,
 )
-from overlock.calibration.temperature import EvaluationSplitError, fit_temperature, load_temperature
 
 
 def _logits_for(confidences, predictions, num_classes=2):
@@ -118,13 +119,13 @@ def test_detection_matching_and_calibrators():
     true_p = 1 / (1 + np.exp(-np.log(raw / (1 - raw)) / 3))  # over-confident scores (true T = 3)
     hit = rng.uniform(size=raw.size) < true_p
     for method in ("temperature", "isotonic"):
-        cal = ScoreCalibrator.fit(method, raw, hit)
+        cal = fit_score_calibrator(method, raw, hit)
         before = binary_calibration(torch.tensor(raw), torch.tensor(hit))["ece"]
         after = binary_calibration(torch.tensor(cal(raw)), torch.tensor(hit))["ece"]
         assert after < before / 2, (method, before, after)
         assert np.allclose(ScoreCalibrator.from_dict(json.loads(json.dumps(cal.to_dict())))(raw), cal(raw))
     with pytest.raises(ValueError, match="both correct and wrong"):
-        ScoreCalibrator.fit("temperature", raw[:5], np.ones(5, bool))
+        fit_score_calibrator("temperature", raw[:5], np.ones(5, bool))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def detector_workspace(tmp_path_factory, demo_detection_layout):
     from mmdet.models import build_detector
 
     from overlock.detection.config import build_detection_config
-    from overlock.evaluation.detection import register_detection_backbones
+    from overlock.detection.registration import register_mmdet_backbones
     from overlock.params import parse_params
 
     threads = torch.get_num_threads()
@@ -45,7 +45,7 @@ def detector_workspace(tmp_path_factory, demo_detection_layout):
             "compute": {"device": "cpu"},
         }
     )
-    register_detection_backbones()
+    register_mmdet_backbones()
     cfg = build_detection_config(params, data, root / "work", classes)
     cfg.log_config.hooks = []
     model = build_detector(cfg.model)
@@ -63,7 +63,8 @@ def detector_workspace(tmp_path_factory, demo_detection_layout):
 
 
 def test_detector_score_calibrator_is_fitted_on_the_calibration_split(detector_workspace):
-    from overlock.calibration.detection import ScoreCalibrator, calibrate_detector
+    from overlock.calibration.detection import calibrate_detector
+    from overlock.inference.calibrated import ScoreCalibrator
 
     ws = detector_workspace
     result = calibrate_detector(ws["params"], ws["detector"], ws["data"], "cpu")
@@ -106,8 +107,9 @@ def test_detection_section_per_class_ap_and_drawings(detector_workspace, tmp_pat
 
 
 def test_evaluate_draws_calibrated_detector_scores(detector_workspace, tmp_path):
-    from overlock.calibration.detection import ScoreCalibrator, calibrate_detector
-    from overlock.evaluation.detection import detection_splits, load_coco, load_detector, predict_coco
+    from overlock.calibration.detection import calibrate_detector
+    from overlock.inference.calibrated import ScoreCalibrator
+    from overlock.inference.detector import detection_splits, load_coco, load_detector, predict_coco
     from overlock.evaluation.stage import calibrated_detections
 
     ws = detector_workspace

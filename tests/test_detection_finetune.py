@@ -221,11 +221,10 @@ def test_evaluate_mode_reproduces_the_trained_metrics(killed_and_resumed, tmp_pa
 
 def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
     """Official release layout: ``backbone.`` + the dense backbone's keys (tests/fixtures), neck and heads."""
-    from mmcv import Config
     from mmcv.runner import load_checkpoint
     from mmdet.models import build_detector
 
-    from overlock.detection.config import config_file
+    from overlock.detection.config import config_file, load_config
     from overlock.detection.finetune import _register_backbones
     from overlock.params import parse_params
 
@@ -234,7 +233,7 @@ def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
         pytest.skip("tests/fixtures/official_state_dicts.json not copied yet")
     official = json.loads(fixture.read_text())["overlock_t_dense"]
     _register_backbones(parse_params({"model": {"size": "t"}}))
-    model = build_detector(Config.fromfile(str(config_file("mask_rcnn", "1x", "t"))).model)
+    model = build_detector(load_config(config_file("mask_rcnn", "1x", "t")).model)
     ours = model.state_dict()
     backbone = {k[len("backbone."):]: tuple(v.shape) for k, v in ours.items() if k.startswith("backbone.")}
     assert backbone == {k: tuple(v) for k, v in official.items()}

@@ -21,7 +21,7 @@ def tiny_overlock(tmp_path_factory):
     import timm
 
     import overlock.models  # noqa: F401  (registers overlock_*)
-    from overlock.evaluation.classification import load_classifier
+    from overlock.inference.classifier import load_classifier
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -65,9 +65,9 @@ def test_section_hash_changes_only_with_its_sections():
 
 def test_registry_resolves_every_arch_and_size():
     assert set(OVERLOCK_SIZES) == {"xt", "t", "s", "b"}
-    assert resolve_model("overlock", "t").pyramid_channels == (64, 128, 384, 640)
+    assert resolve_model("overlock", "t").pyramid_channels() == (64, 128, 384, 640)
     for arch in ARCH_NAMES:
         spec = resolve_model(arch, "xt")
-        assert len(spec.pyramid_channels) == 4 and spec.timm_name and spec.mmdet_backbone
+        assert spec.arch == arch and spec.timm_name and spec.mmdet_backbone and spec.mmdet_adapter
     with pytest.raises(ValueError, match="valid: xt, t, s, b"):
         resolve_model("overlock", "xl")

@@ -1,17 +1,12 @@
 """Calibration: temperature scaling of the classifier and score calibration of the detector."""
 
-from overlock.calibration.metrics import (
+from overlock.calibration.temperature import EvaluationSplitError, fit_temperature, save_temperature
+from overlock.inference.calibrated import apply_temperature, load_temperature
+from overlock.metrics.calibration import (
     adaptive_ece,
     binary_calibration,
     classification_calibration,
     reliability_bins,
-)
-from overlock.calibration.temperature import (
-    EvaluationSplitError,
-    apply_temperature,
-    fit_temperature,
-    load_temperature,
-    save_temperature,
 )
 
 __all__ = [

@@ -2,14 +2,14 @@
 
 Each detection is matched (greedily by score, per image and category, COCO style) to an unmatched ground
 truth box with IoU >= ``calibrate.detection_iou``; a matched detection counts as correct. Detection ECE is
-the binary ECE of score vs. correct. A calibrator maps raw scores to calibrated ones: ``temperature``
-(``sigmoid(logit(s) / T)``) or ``isotonic`` (scikit-learn's isotonic regression, stored as its knots).
+the binary ECE of score vs. correct. A calibrator (``overlock.inference.calibrated.ScoreCalibrator``) maps raw
+scores to calibrated ones: ``temperature`` (``sigmoid(logit(s) / T)``) or ``isotonic`` (scikit-learn's
+isotonic regression, stored as its knots); :func:`fit_score_calibrator` fits it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from overlock.calibration.metrics import binary_calibration, reliability_bins
 from overlock.calibration.temperature import minimise_over_temperature
+from overlock.inference.calibrated import DETECTOR_CALIBRATION_FILE, ScoreCalibrator, score_logit
+from overlock.metrics.calibration import binary_calibration, reliability_bins
 
 log = logging.getLogger(__name__)
 
-DETECTOR_CALIBRATION_FILE = "detector_calibration.json"
-_EPS = 1e-6
+__all__ = ["DETECTOR_CALIBRATION_FILE", "match_detections", "fit_score_calibrator",
+           "detection_calibration_report", "calibrate_detector"]
 
 
 def match_detections(detections: list[dict], coco_gt, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,70 +68,32 @@ def match_detections(detections: list[dict], coco_gt, iou_threshold: float) -> t
     return np.asarray(scores, dtype=np.float64), np.asarray(correct, dtype=bool)
 
 
-def _logit(scores: np.ndarray) -> torch.Tensor:
-    s = torch.as_tensor(np.clip(scores, _EPS, 1 - _EPS), dtype=torch.float64)
-    return torch.log(s) - torch.log1p(-s)
-
-
-@dataclass
-class ScoreCalibrator:
-    """A fitted map from raw detection scores to calibrated probabilities of being a correct detection."""
-
-    method: str
-    temperature: float = 1.0
-    knots_x: list[float] = field(default_factory=list)
-    knots_y: list[float] = field(default_factory=list)
-
-    @classmethod
-    def fit(
-        cls, method: str, scores: np.ndarray, correct: np.ndarray, max_iter: int = 200
-    ) -> ScoreCalibrator:
-        """Fit ``method`` ("temperature" or "isotonic") on (score, correct) pairs."""
-        if len(scores) < 2 or correct.all() or not correct.any():
-            raise ValueError(
-                f"cannot fit a detection score calibrator on {len(scores)} detections with "
-                f"{int(correct.sum())} correct: it needs both correct and wrong detections "
-                "(more calibration images, or a lower calibrate.detection_iou)"
-            )
-        if method == "temperature":
-            z, y = _logit(scores), torch.as_tensor(correct, dtype=torch.float64)
-            temperature = minimise_over_temperature(lambda t: F.binary_cross_entropy_with_logits(z / t, y), max_iter)
-            return cls(method, temperature=temperature)
-        if method == "isotonic":
-            from sklearn.isotonic import IsotonicRegression
-
-            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
-                scores, correct.astype(float)
-            )
-            return cls(
-                method,
-                knots_x=[float(v) for v in iso.X_thresholds_],
-                knots_y=[float(v) for v in iso.y_thresholds_],
-            )
-        raise ValueError(f"unknown calibrate.detection_calibrator {method!r}; valid: temperature, isotonic")
-
-    def __call__(self, scores: np.ndarray) -> np.ndarray:
-        scores = np.asarray(scores, dtype=np.float64)
-        if self.method == "temperature":
-            return torch.sigmoid(_logit(scores) / self.temperature).numpy()
-        return np.interp(scores, self.knots_x, self.knots_y)
-
-    def to_dict(self) -> dict:
-        out = {"method": self.method}
-        if self.method == "temperature":
-            out["temperature"] = self.temperature
-        else:
-            out.update(knots_x=self.knots_x, knots_y=self.knots_y)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ScoreCalibrator:
-        return cls(
-            data["method"],
-            float(data.get("temperature", 1.0)),
-            list(data.get("knots_x", [])),
-            list(data.get("knots_y", [])),
+def fit_score_calibrator(
+    method: str, scores: np.ndarray, correct: np.ndarray, max_iter: int = 200
+) -> ScoreCalibrator:
+    """Fit ``method`` ("temperature" or "isotonic") on (score, correct) pairs."""
+    if len(scores) < 2 or correct.all() or not correct.any():
+        raise ValueError(
+            f"cannot fit a detection score calibrator on {len(scores)} detections with "
+            f"{int(correct.sum())} correct: it needs both correct and wrong detections "
+            "(more calibration images, or a lower calibrate.detection_iou)"
         )
+    if method == "temperature":
+        z, y = score_logit(scores), torch.as_tensor(correct, dtype=torch.float64)
+        temperature = minimise_over_temperature(
+            lambda t: F.binary_cross_entropy_with_logits(z / t, y), max_iter)
+        return ScoreCalibrator(method, temperature=temperature)
+    if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(scores, correct.astype(float))
+        return ScoreCalibrator(
+            method,
+            knots_x=[float(v) for v in iso.X_thresholds_],
+            knots_y=[float(v) for v in iso.y_thresholds_],
+        )
+    raise ValueError(f"unknown calibrate.detection_calibrator {method!r}; valid: temperature, isotonic")
 
 
 def detection_calibration_report(
@@ -154,13 +117,13 @@ def calibrate_detector(params, detector_dir: Path, data_dir: Path, device) -> di
     Returns ``{"status": "skipped", "reason": ...}`` (logged) when there is no detector to calibrate
     (``data.detection_dataset: none``, no ``detector.pth`` or MMDetection not installed).
     """
-    from overlock.evaluation.detection import detector_skip_reason, load_coco, predict_coco
+    from overlock.inference.detector import (detection_splits, detector_skip_reason, load_coco, load_detector,
+                                             predict_coco)
 
     reason = detector_skip_reason(params, detector_dir, data_dir)
     if reason:
         log.warning("detector calibration skipped: %s", reason)
         return {"status": "skipped", "reason": reason}
-    from overlock.evaluation.detection import detection_splits, load_detector
 
     splits = detection_splits(data_dir)
     model = load_detector(detector_dir, device)
@@ -172,7 +135,7 @@ def calibrate_detector(params, detector_dir: Path, data_dir: Path, device) -> di
         dets = predict_coco(model, coco, img_prefix, desc=f"detect {split}")["bbox"]
         matched[split] = match_detections(dets, coco, cfg.detection_iou)
     try:
-        calibrator = ScoreCalibrator.fit(
+        calibrator = fit_score_calibrator(
             cfg.detection_calibrator, *matched["calibration"], max_iter=cfg.max_iter
         )
     except ValueError as err:  # e.g. an under-trained detector with no correct detection: report, don't fail

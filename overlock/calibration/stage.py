@@ -7,36 +7,22 @@ Outputs (written to a staging directory, then moved into place): ``<out>/tempera
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from overlock.calibration.detection import DETECTOR_CALIBRATION_FILE, calibrate_detector
-from overlock.calibration.metrics import classification_calibration, reliability_bins, top1_confidence
-from overlock.calibration.temperature import apply_temperature, fit_temperature, save_temperature
+from overlock.calibration.temperature import fit_temperature, save_temperature
 from overlock.compute import select_device
+from overlock.inference.calibrated import apply_temperature
+from overlock.metrics.calibration import classification_calibration, reliability_bins, top1_confidence
 from overlock.params import Params
-from overlock.state import replace_dir_atomic, write_json_atomic
+from overlock.state import replace_dir_atomic, write_csv_atomic, write_json_atomic
 from overlock.tracking import StageRun, write_metrics_file
 
 log = logging.getLogger(__name__)
 
 RELIABILITY_CSV = "reliability.csv"
-
-
-def write_csv_atomic(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    """Write ``rows`` (only ``columns``) as CSV through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
 
 
 def _staging(out: Path) -> Path:
@@ -49,7 +35,7 @@ def _staging(out: Path) -> Path:
 
 def calibrate_classifier(params: Params, data: Path, classifier: Path, device) -> dict:
     """Fit T on the calibration split; metrics before/after on the calibration and validation splits."""
-    from overlock.evaluation.classification import (
+    from overlock.inference.classifier import (
         classification_split,
         collect_logits,
         eval_transform,
@@ -107,7 +93,7 @@ def run_calibrate(
     plots: Path,
 ) -> dict:
     """Calibrate the classifier (and the detector when there is one); write outs, metrics, plots, MLflow."""
-    from overlock.evaluation.plots import reliability_diagram
+    from overlock.calibration.plots import reliability_diagram
 
     device = select_device(params.compute)
     out, plots = Path(out), Path(plots)

@@ -2,7 +2,7 @@
 
 ``T`` is fitted on the held-out calibration split only; ``fit_temperature`` refuses logits tagged with an
 evaluation split. The result is saved as ``temperature.json`` beside the calibration outputs and read back
-by ``evaluate`` and ``overlock predict`` (:func:`load_temperature`).
+by ``evaluate`` and ``overlock predict`` (``overlock.inference.calibrated.load_temperature``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from overlock.state import read_json, write_json_atomic
+from overlock.inference.calibrated import TEMPERATURE_FILE
+from overlock.state import write_json_atomic
 
-TEMPERATURE_FILE = "temperature.json"
 FIT_SPLITS = ("calibration",)
 EVALUATION_SPLITS = ("val", "validation", "test", "eval", "evaluation")
 
@@ -80,29 +80,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, split: str, m
     return temperature
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Calibrated logits ``logits / T``."""
-    return logits / temperature
-
-
 def save_temperature(out_dir: Path, temperature: float, before: dict, after: dict, **extra) -> Path:
     """Write ``temperature.json`` ({"temperature", "before", "after", ...}) atomically; return its path."""
     path = Path(out_dir) / TEMPERATURE_FILE
     write_json_atomic(path, {"temperature": float(temperature), "before": before, "after": after, **extra})
     return path
-
-
-def load_temperature(calibration_dir: Path | None) -> float | None:
-    """The fitted ``T`` from ``<calibration_dir>/temperature.json``, or None when there is none."""
-    if calibration_dir is None:
-        return None
-    data = read_json(Path(calibration_dir) / TEMPERATURE_FILE)
-    if data is None:
-        return None
-    temperature = float(data["temperature"])
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(
-            f"{calibration_dir}/{TEMPERATURE_FILE} holds an invalid temperature {temperature}; "
-            "re-run the calibrate stage (dvc repro calibrate)"
-        )
-    return temperature

@@ -1,9 +1,9 @@
-"""OverLoCK dense backbones in MMDetection 2.x's ``BACKBONES``.
+"""The MMDetection 2.x adapter of the OverLoCK dense backbone.
 
-Types ``overlock_xt``, ``overlock_t``, ``overlock_s``, ``overlock_b`` (the registry's
-``ModelSpec.mmdet_backbone``) and the size-generic ``OverLoCKDetBackbone``.
-
-The only OverLoCK module that imports mmdet/mmcv, so ``overlock.models`` stays importable without them.
+``OverLoCKDetBackbone`` (size-generic) and, through :meth:`OverLoCKDetBackbone.variant_class`, one subclass
+per catalog entry, registered by ``overlock.detection.registration`` as types ``overlock_xt``, ``overlock_t``,
+``overlock_s``, ``overlock_b`` (the catalog's ``ModelCfg.mmdet_backbone``). Importing this module registers
+nothing; ``overlock.models`` never imports it, so it stays importable without mmdet/mmcv.
 Config example::
 
     backbone=dict(type='overlock_t', drop_path_rate=0.2, out_indices=(0, 1, 2, 3), frozen_stages=-1,
@@ -20,12 +20,12 @@ import os
 
 import torch
 from torch import nn
-from mmdet.models.builder import BACKBONES
 
+from overlock.catalog import ModelCfg
 from overlock.models.checkpoint import CheckpointLoadReport, load_official_checkpoint
-from overlock.models.overlock import OVERLOCK_ARCHS, OverLoCKBackbone, overlock_arch
+from overlock.models.overlock import OverLoCKBackbone, overlock_arch
 
-__all__ = ["OverLoCKDetBackbone", "convert_to_sync_batchnorm", "DETECTION_BACKBONES"]
+__all__ = ["OverLoCKDetBackbone", "convert_to_sync_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,20 @@ class OverLoCKDetBackbone(OverLoCKBackbone):
         if sync_bn:
             convert_to_sync_batchnorm(self)
 
+    @classmethod
+    def variant_class(cls, cfg: ModelCfg) -> type[OverLoCKDetBackbone]:
+        """The subclass of the catalog entry ``cfg`` (its size by default), importable by name (pickling)."""
+        name = f"OverLoCKDet_{cfg.size}"
+        variant = globals().get(name)
+        if variant is None:
+            variant = type(name, (cls,), {
+                "default_size": cfg.size,
+                "__doc__": f"OverLoCK-{cfg.size.upper()} dense backbone (mmdet ``{cfg.mmdet_backbone}``).",
+                "__module__": __name__,
+            })
+            globals()[name] = variant
+        return variant
+
     def init_weights(self) -> None:
         """Load ``init_cfg``'s checkpoint (classifier-only keys dropped and logged); else keep the init."""
         if not self.init_cfg:
@@ -93,15 +107,10 @@ class OverLoCKDetBackbone(OverLoCKBackbone):
         self._freeze_stages()
 
 
-BACKBONES.register_module(name="OverLoCKDetBackbone", module=OverLoCKDetBackbone)
+def __getattr__(name: str):
+    """``OverLoCKDet_<size>`` made on first use, so pickled backbones load in a fresh process."""
+    if name.startswith("OverLoCKDet_"):
+        from overlock.catalog import model_cfg
 
-DETECTION_BACKBONES: dict[str, type[OverLoCKDetBackbone]] = {}
-for _size in OVERLOCK_ARCHS:
-    _cls = type(f"OverLoCKDet_{_size}", (OverLoCKDetBackbone,), {
-        "default_size": _size,
-        "__doc__": f"OverLoCK-{_size.upper()} dense backbone (MMDetection type ``overlock_{_size}``).",
-        "__module__": __name__,
-    })
-    globals()[_cls.__name__] = _cls  # importable by name (pickling)
-    BACKBONES.register_module(name=f"overlock_{_size}", module=_cls)
-    DETECTION_BACKBONES[f"overlock_{_size}"] = _cls
+        return OverLoCKDetBackbone.variant_class(model_cfg("overlock", name.removeprefix("OverLoCKDet_")))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

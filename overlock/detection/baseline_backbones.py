@@ -1,10 +1,9 @@
-"""MMDetection 2.x backbones of the dynamic-convolution baselines, and their temperature hook.
+"""The MMDetection 2.x adapter of the dynamic-convolution baselines, and their temperature hook.
 
-Importing this module registers, for every baseline ``model.arch`` (``BASELINE_ARCHS`` of
-``overlock.models.baselines``), a backbone ``dc_<arch>`` in mmdet's ``BACKBONES`` (the registry's
-``ModelSpec.mmdet_backbone``) and the hook
-``DynamicConvTemperatureHook`` in mmcv's ``HOOKS``. The shipped ``configs/baselines`` import it through
-``custom_imports``; it is the only baseline module that imports mmdet/mmcv.
+``DenseBaselineBackbone.variant_class(cfg)`` makes the backbone class of a baseline catalog entry;
+``overlock.detection.registration`` registers it as ``dc_<arch>`` (the catalog's ``ModelCfg.mmdet_backbone``)
+in mmdet's ``BACKBONES`` and ``DynamicConvTemperatureHook`` in mmcv's ``HOOKS``. Importing this module
+registers nothing; ``overlock.models.baselines`` never imports it.
 
 A backbone is the classifier of the same arch without its head (same parameter names, so a pretrain-stage
 checkpoint loads directly) returning the 4 dense levels (strides 4-32), with the usual mmdet options:
@@ -25,14 +24,13 @@ import logging
 from pathlib import Path
 
 import torch
-from mmcv.runner import HOOKS, Hook
-from mmdet.models.builder import BACKBONES
+from mmcv.runner import Hook
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from overlock.catalog import ModelCfg
 from overlock.models.baselines import (
-    BASELINE_ARCHS,
     DCConvNeXt,
     baseline_class,
     baseline_kwargs,
@@ -46,7 +44,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DenseBaselineBackbone",
     "DynamicConvTemperatureHook",
-    "dense_backbone_class",
     "load_classifier_weights",
 ]
 
@@ -88,6 +85,21 @@ class DenseBaselineBackbone:
     """Mixin turning a baseline classifier class into an mmdet dense backbone (see the module docstring)."""
 
     arch: str = ""
+
+    @classmethod
+    def variant_class(cls, cfg: ModelCfg) -> type[nn.Module]:
+        """The backbone class of the baseline catalog entry ``cfg``, importable by name (pickling)."""
+        base = baseline_class(cfg.arch)  # the name keeps the family (mmdet's layer decay checks "ConvNeXt")
+        name = f"{base.__name__}Backbone_{cfg.arch}"
+        variant = globals().get(name)
+        if variant is None:
+            variant = type(name, (cls, base), {
+                "arch": cfg.arch,
+                "__doc__": f"MMDetection dense backbone of baseline {cfg.arch!r} (``{cfg.mmdet_backbone}``).",
+                "__module__": __name__,
+            })
+            globals()[name] = variant
+        return variant
 
     def __init__(
         self,
@@ -154,34 +166,6 @@ class DenseBaselineBackbone:
         return tuple(outs)
 
 
-def dense_backbone_class(arch: str) -> type[nn.Module]:
-    """The registered mmdet backbone class of a baseline ``model.arch``."""
-    return BACKBONES.get(f"dc_{arch}") or _register(arch)
-
-
-def _register(arch: str) -> type[nn.Module]:
-    base = baseline_class(
-        arch
-    )  # the class name keeps the family (mmdet's layer-decay optimizer checks "ConvNeXt")
-    cls = type(
-        f"{base.__name__}Backbone_{arch}",
-        (DenseBaselineBackbone, base),
-        {
-            "arch": arch,
-            "__doc__": f"MMDetection dense backbone of baseline {arch!r}.",
-            "__module__": __name__,
-        },
-    )
-    BACKBONES.register_module(name=f"dc_{arch}", module=cls)
-    return cls
-
-
-for _arch in BASELINE_ARCHS:
-    if BACKBONES.get(f"dc_{_arch}") is None:
-        _register(_arch)
-
-
-@HOOKS.register_module(force=True)
 class DynamicConvTemperatureHook(Hook):
     """Temperature of ODConv/KW backbones during detection training.
 
@@ -215,3 +199,15 @@ class DynamicConvTemperatureHook(Hook):
         if self.anneal_epochs > 0:
             per_epoch = max(1, len(runner.data_loader)) if getattr(runner, "data_loader", None) else 1
             self._apply(runner, runner.iter / per_epoch)
+
+
+def __getattr__(name: str):
+    """``<Family>Backbone_<arch>`` made on first use, so pickled backbones load in a fresh process."""
+    from overlock.catalog import CATALOG
+
+    for cfg in CATALOG.values():
+        if not cfg.is_overlock and name.endswith(f"Backbone_{cfg.arch}"):
+            variant = DenseBaselineBackbone.variant_class(cfg)
+            if variant.__name__ == name:
+                return variant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,23 +2,25 @@
 
 The shipped configs (``overlock/detection/configs``, mmdet 2.x ``_base_`` style) hold the recipes;
 this module picks one from ``finetune.detector``/``finetune.schedule``/``model.size`` and fills in what
-depends on the run: backbone type and overrides, FPN in_channels (the backbone's pyramid channels),
-classes, data paths, optimizer values, demo schedule length, device/precision and the work dir.
+depends on the run: backbone type and overrides, classes, data paths, optimizer values, demo schedule
+length, device/precision and the work dir. The FPN in_channels are never typed: :func:`load_config` and
+:func:`build_detection_config` read them from the backbone built (on the meta device) from the config.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from overlock.params import Params
-from overlock.registry import ModelSpec, resolve_model
+from overlock.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "pyramid_channels", "coco_files",
-           "build_detection_config", "DEMO_MAX_ITERS"]
+__all__ = ["CONFIG_DIR", "config_file", "shipped_configs", "backbone_out_channels", "load_config",
+           "coco_files", "build_detection_config", "DEMO_MAX_ITERS"]
 
 CONFIG_DIR = Path(str(resources.files("overlock.detection") / "configs"))
 DEMO_MAX_ITERS = 100
@@ -47,13 +49,28 @@ def config_file(detector: str, schedule: str, size: str = "t", arch: str = "over
     return path
 
 
-def pyramid_channels(spec: ModelSpec, overrides: dict | None = None) -> list[int]:
-    """Channels of the backbone's 4 pyramid levels (FPN in_channels), honouring ``embed_dim`` overrides."""
-    overrides = overrides or {}
-    if spec.is_overlock and "embed_dim" in overrides:
-        e = [int(x) for x in overrides["embed_dim"]]
-        return [e[0], e[1], e[2] + e[3] // 4, e[3] + e[3] // 4]
-    return list(spec.pyramid_channels)
+def backbone_out_channels(backbone: dict) -> list[int]:
+    """Channels of the levels the mmdet backbone ``backbone`` (a config dict) returns, read from the backbone
+    built on the meta device: the FPN's in_channels, whatever the overrides and ``out_indices``."""
+    import torch
+    from mmdet.models import build_backbone
+
+    from overlock.detection.registration import register_mmdet_backbones
+
+    register_mmdet_backbones()
+    backbone = {k: v for k, v in dict(backbone).items() if k not in ("init_cfg", "pretrained")}
+    with torch.device("meta"):
+        model = build_backbone(copy.deepcopy(backbone))
+    return [int(c) for c in model.out_channels]
+
+
+def load_config(path: Path | str):
+    """``mmcv.Config.fromfile`` of a shipped config with the FPN in_channels set from its backbone."""
+    from mmcv import Config
+
+    cfg = Config.fromfile(str(path))
+    cfg.model.neck.in_channels = backbone_out_channels(cfg.model.backbone)
+    return cfg
 
 
 def coco_files(data_dir: Path) -> dict[str, tuple[str, str]]:
@@ -91,12 +108,10 @@ def build_detection_config(params: Params, data_dir: Path, work_dir: Path, class
     dpr = ft.drop_path_rate if ft.drop_path_rate is not None else spec.detection_drop_path_rate
     if spec.is_overlock:
         cfg.model.backbone = dict(type=spec.mmdet_backbone, drop_path_rate=dpr, out_indices=(0, 1, 2, 3), **overrides)
-        cfg.model.neck.in_channels = pyramid_channels(spec, overrides)
     else:  # a baseline: keep its own config's backbone settings, or swap the backbone into an OverLoCK recipe
         backbone = dict(cfg.model.backbone)
         if backbone.get("type") != spec.mmdet_backbone:
             backbone = dict(type=spec.mmdet_backbone)
-            cfg.model.neck.in_channels = pyramid_channels(spec, overrides)
         backbone.update(overrides)
         if ft.drop_path_rate is not None:
             backbone["drop_path_rate"] = ft.drop_path_rate
@@ -104,6 +119,7 @@ def build_detection_config(params: Params, data_dir: Path, work_dir: Path, class
     # weights come from the pretrain output / finetune.checkpoint, never from a download at run time
     for key in ("init_cfg", "pretrained"):
         cfg.model.backbone.pop(key, None)
+    cfg.model.neck.in_channels = backbone_out_channels(cfg.model.backbone)  # honours model.overrides
     cfg.model.roi_head.bbox_head.num_classes = len(classes)
     if cfg.model.roi_head.get("mask_head"):
         cfg.model.roi_head.mask_head.num_classes = len(classes)

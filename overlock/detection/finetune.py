@@ -205,24 +205,11 @@ def evaluate_detector(model, cfg, distributed: bool = False) -> dict[str, float]
 
 # ---------------------------------------------------------------------------------------- training
 def _register_backbones(params: Params) -> None:
-    """Import the model modules so ``model.arch``/``model.size``'s dense backbone is in mmdet's BACKBONES."""
-    import importlib
+    """Register the catalog's backbones in mmdet's BACKBONES; fails unless this model's is registered."""
+    from overlock.detection.registration import require_mmdet_backbone
+    from overlock.registry import resolve_model
 
-    from mmdet.models import BACKBONES
-
-    from overlock.registry import import_model_modules, resolve_model
-
-    spec = resolve_model(params.model.arch, params.model.size)
-    import_model_modules(spec)
-    for module in ("overlock.detection.backbone", "overlock.detection.baseline_backbones"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-    if BACKBONES.get(spec.mmdet_backbone) is None:
-        raise KeyError(f"backbone {spec.mmdet_backbone!r} (model.arch={params.model.arch!r}) is not registered in "
-                       f"MMDetection's BACKBONES; registered: {', '.join(sorted(BACKBONES.module_dict))}")
+    require_mmdet_backbone(resolve_model(params.model.arch, params.model.size))
 
 
 def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, distributed: bool) -> dict:

@@ -1,6 +1,7 @@
-"""Figures of the calibrate and evaluate stages (matplotlib, Agg backend), each saved as a PNG.
+"""Figures of the evaluate stage (matplotlib, Agg backend), each saved as a PNG.
 
 Every function takes the numbers to draw and an output path, labels its axes and title, and returns the path.
+The calibrate stage's reliability diagrams live in ``overlock.calibration.plots``.
 """
 
 from __future__ import annotations
@@ -9,79 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
-DPI = 110
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    plt.close(fig)
-    return path
-
-
-def reliability_diagram(
-    panels: dict[str, list[dict]],
-    path: Path,
-    bins: int = 15,
-    metrics: dict[str, dict] | None = None,
-    title: str = "Reliability diagram",
-    xlabel: str = "confidence (top-1 probability)",
-) -> Path:
-    """One panel per entry of ``panels`` (e.g. before/after): accuracy per confidence bin vs. the diagonal.
-
-    Each panel's rows come from :func:`overlock.calibration.metrics.reliability_bins`; a histogram of the
-    sample counts sits below; ``metrics[name]['ece']`` is printed in the panel when given.
-    """
-    n = len(panels)
-    fig, axes = plt.subplots(
-        2, n, figsize=(4.6 * n, 5.6), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True
-    )
-    width = 1.0 / bins
-    for j, (name, rows) in enumerate(panels.items()):
-        ax, hist = axes[0, j], axes[1, j]
-        centers = [r["lower"] + width / 2 for r in rows]
-        ax.bar(
-            centers,
-            [r["accuracy"] for r in rows],
-            width=width * 0.95,
-            color="#4c72b0",
-            edgecolor="black",
-            linewidth=0.5,
-            label="accuracy",
-        )
-        ax.bar(
-            centers,
-            [abs(r["confidence"] - r["accuracy"]) for r in rows],
-            bottom=[min(r["confidence"], r["accuracy"]) for r in rows],
-            width=width * 0.95,
-            color="#dd8452",
-            alpha=0.5,
-            hatch="//",
-            edgecolor="#c44e52",
-            linewidth=0.5,
-            label="gap to mean confidence",
-        )
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy (fraction correct)")
-        label = name
-        if metrics and name in metrics and "ece" in metrics[name]:
-            label += f"  (ECE {metrics[name]['ece']:.3f})"
-        ax.set_title(label)
-        ax.legend(loc="upper left", fontsize=8)
-        hist.bar(centers, [r["count"] for r in rows], width=width * 0.95, color="#55a868")
-        hist.set_xlabel(xlabel)
-        hist.set_ylabel("samples")
-    fig.suptitle(title)
-    return _save(fig, path)
+from overlock.figures import plt, save_figure
 
 
 def confusion_matrix_plot(
@@ -117,7 +48,7 @@ def confusion_matrix_plot(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_bar(
@@ -133,7 +64,7 @@ def per_class_bar(
     ax.set_ylabel("class")
     ax.set_title(title if len(values) <= max_items else f"{title} (lowest {max_items} of {len(values)})")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(history: list[dict], path: Path, title: str = "Training curves") -> Path | None:
@@ -165,7 +96,7 @@ def training_curves(history: list[dict], path: Path, title: str = "Training curv
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def erf_heatmap(erf: np.ndarray, path: Path, title: str, input_size: int) -> Path:
@@ -176,7 +107,7 @@ def erf_heatmap(erf: np.ndarray, path: Path, title: str, input_size: int) -> Pat
     ax.set_xlabel(f"input x (pixels, {input_size} px wide)")
     ax.set_ylabel("input y (pixels)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(
@@ -193,7 +124,7 @@ def image_grid(
         ax.imshow(img)
         ax.set_title(name, fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def complexity_bars(rows: list[dict], path: Path) -> Path:
@@ -209,7 +140,7 @@ def complexity_bars(rows: list[dict], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Speed on this machine")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _draw_instances(ax, image: np.ndarray, instances: list[dict], color: str) -> None:
@@ -249,4 +180,4 @@ def detection_pairs(rows: list[tuple], path: Path) -> Path:
         _draw_instances(ax_pred, image, preds, "#d62728")
         ax_pred.set_title(f"{name}: predicted ({len(preds)})", fontsize=9)
     fig.suptitle("Detector on validation images: ground truth vs. predictions")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -52,14 +52,9 @@ def predict_images(
     """[{"image", "top": [(class name, probability), ...]}] for each image, calibrated when T is available."""
     from PIL import Image, UnidentifiedImageError
 
-    from overlock.calibration.temperature import load_temperature
     from overlock.compute import select_device
-    from overlock.evaluation.classification import (
-        eval_transform,
-        load_classifier,
-        logits_of,
-        read_classifier_info,
-    )
+    from overlock.inference.calibrated import load_temperature
+    from overlock.inference.classifier import eval_transform, load_classifier, logits_of, read_classifier_info
     from overlock.params import ComputeParams
 
     dev = select_device(ComputeParams(device=device))

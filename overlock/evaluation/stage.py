@@ -16,26 +16,27 @@ import numpy as np
 import torch
 import yaml
 
-from overlock.calibration.detection import DETECTOR_CALIBRATION_FILE
-from overlock.calibration.stage import write_csv_atomic
-from overlock.calibration.temperature import TEMPERATURE_FILE, apply_temperature, load_temperature
 from overlock.compute import select_device
 from overlock.evaluation import plots as figures
-from overlock.evaluation.classification import (
+from overlock.evaluation.classification import confusion_matrix, per_class_accuracy, topk_accuracy
+from overlock.evaluation.report import DEMO_NOTE, Report, fmt, published_results, table
+from overlock.inference.calibrated import (
+    DETECTOR_CALIBRATION_FILE,
+    TEMPERATURE_FILE,
+    apply_temperature,
+    load_temperature,
+)
+from overlock.inference.classifier import (
     ClassifierInfo,
     classification_split,
     collect_logits,
-    confusion_matrix,
     eval_transform,
     load_classifier,
-    per_class_accuracy,
     read_checkpoint,
     read_classifier_info,
-    topk_accuracy,
 )
-from overlock.evaluation.report import DEMO_NOTE, Report, fmt, published_results, table
 from overlock.params import Params
-from overlock.state import read_json, replace_dir_atomic
+from overlock.state import read_json, replace_dir_atomic, write_csv_atomic
 from overlock.tracking import StageRun, write_metrics_file
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def evaluate_classifier(
     report: Report,
 ) -> dict:
     """Top-1/top-5 (raw, EMA), calibrated NLL/ECE on val, per-class accuracy and the confusion matrix."""
-    from overlock.calibration.metrics import classification_calibration
+    from overlock.metrics.calibration import classification_calibration
 
     checkpoint, ckpt_path = read_checkpoint(classifier)
     model = load_classifier(classifier, device=device, checkpoint=checkpoint)
@@ -221,15 +222,13 @@ def detection_section(
     the drawn predictions carry calibrated scores (probability that the box is a correct detection); AP is
     computed from the raw scores (a monotone calibrator leaves every AP unchanged).
     """
-    from overlock.evaluation.detection import (
-        coco_evaluate,
+    from overlock.evaluation.detection import coco_evaluate, draw_gt_vs_pred, read_finetune_metrics
+    from overlock.inference.detector import (
         detection_splits,
         detector_skip_reason,
-        draw_gt_vs_pred,
         load_coco,
         load_detector,
         predict_coco,
-        read_finetune_metrics,
     )
 
     reason = detector_skip_reason(params, detector, data)
@@ -311,7 +310,7 @@ def detection_section(
 
 def calibrated_detections(results: dict, calibration: Path | None) -> tuple[dict, str]:
     """``results`` with box scores mapped through the fitted detector calibrator (when there is one)."""
-    from overlock.calibration.detection import ScoreCalibrator
+    from overlock.inference.calibrated import ScoreCalibrator
 
     fitted = read_json(Path(calibration) / DETECTOR_CALIBRATION_FILE, {}) if calibration else {}
     if fitted.get("status") != "fitted":

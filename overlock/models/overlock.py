@@ -16,17 +16,16 @@ weighted sum with a clamped window, comes from ``overlock.models.contmix.na2d_av
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from overlock.catalog import CATALOG, OVERLOCK_SIZES
 
 from .blocks import (
     ContextDownsample,
@@ -60,18 +59,9 @@ __all__ = [
 # Side of the pooled context map that forms the keys of the dynamic-kernel weights (49 = 7 * 7).
 CONTEXT_POOL_SIZE = 7
 
-# Architecture of each published size (the official registration functions).
-_KERNELS = [17, 15, 13, 7]
-_MLP = [4, 4, 4, 4]
+# Architecture of each published size (the official registration functions), from the model catalog.
 OVERLOCK_ARCHS: dict[str, dict] = {
-    "xt": dict(depth=[2, 2, 3, 2], sub_depth=[6, 2], embed_dim=[56, 112, 256, 336], kernel_size=_KERNELS,
-               mlp_ratio=_MLP, sub_num_heads=[4, 6], sub_mlp_ratio=[3, 3]),
-    "t": dict(depth=[4, 4, 6, 2], sub_depth=[12, 2], embed_dim=[64, 128, 256, 512], kernel_size=_KERNELS,
-              mlp_ratio=_MLP, sub_num_heads=[4, 8], sub_mlp_ratio=[3, 3]),
-    "s": dict(depth=[6, 6, 8, 3], sub_depth=[16, 3], embed_dim=[64, 128, 320, 512], kernel_size=_KERNELS,
-              mlp_ratio=_MLP, sub_num_heads=[8, 16], sub_mlp_ratio=[3, 3]),
-    "b": dict(depth=[8, 8, 10, 4], sub_depth=[20, 4], embed_dim=[80, 160, 384, 576], kernel_size=_KERNELS,
-              mlp_ratio=_MLP, sub_num_heads=[6, 9], sub_mlp_ratio=[3, 3]),
+    size: CATALOG[f"overlock_{size}"].model_kwargs() for size in OVERLOCK_SIZES
 }
 
 
@@ -647,40 +637,9 @@ def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLo
                                 **kwargs)
 
 
-def _published_imagenet_table() -> dict:
-    text = resources.files("overlock").joinpath("reference/published_results.json").read_text()
-    return json.loads(text)["overlock_imagenet1k"]
-
-
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed1.0",
-        "classifier": "head.4",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2502.20087",
-        "origin_url": "https://github.com/LMMMEng/OverLoCK",
-        **kwargs,
-    }
-
-
-_RELEASE_URL = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/overlock_{}_in1k_224.pth"
-_PUBLISHED = _published_imagenet_table()
-
 default_cfgs = generate_default_cfgs({
-    f"overlock_{size}.in1k": _cfg(
-        url=_RELEASE_URL.format(size),
-        crop_pct=_PUBLISHED[f"overlock_{size}"]["crop_pct"],
-        input_size=(3, _PUBLISHED[f"overlock_{size}"]["input"], _PUBLISHED[f"overlock_{size}"]["input"]),
-    )
-    for size in OVERLOCK_ARCHS
+    f"{cfg.timm_name}.{cfg.pretrained_tag}": cfg.pretrained_cfg()
+    for cfg in CATALOG.values() if cfg.is_overlock
 })
 
 

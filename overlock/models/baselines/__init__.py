@@ -12,8 +12,10 @@ One class per family (``DCResNet``, ``DCMobileNetV2``, ``DCConvNeXt``) takes ``c
 
 Classifiers (registered in timm as ``dc_<arch>``, e.g. ``timm.create_model("dc_odconv4x_resnet50")``) return
 plain logits. ``forward_pyramid`` gives the four dense levels (strides 4-32) that the MMDetection backbones in
-``overlock.detection.baseline_backbones`` return. Module names follow the official code (torchvision-style
-ResNet/MobileNetV2, Meta's ConvNeXt), so official checkpoints load through ``checkpoint_filter_fn``.
+``overlock.detection.baseline_backbones`` return (registered by ``overlock.detection.registration``; this
+package never imports mmdet). Module names follow the official code (torchvision-style ResNet/MobileNetV2,
+Meta's ConvNeXt), so official checkpoints load through ``checkpoint_filter_fn``. Each variant's settings come
+from its entry in ``overlock.catalog``.
 
 Temperature annealing (the hook the training loops call, duck-typed):
     ``model.update_temperature(epoch, total_epochs)`` or ``anneal_temperature(model, epoch, total_epochs)``
@@ -26,8 +28,7 @@ Newly built models sit at the final temperature, which is what evaluation and fi
 
 from .base import CONV_TYPES
 from .convnext import DCConvNeXt
-from .factory import (BASELINE_ARCHS, baseline_class, baseline_kwargs, baseline_pyramid_channels,
-                      checkpoint_filter_fn, create_baseline, register_mmdet_backbones_if_loaded)
+from .factory import BASELINE_ARCHS, baseline_class, baseline_kwargs, checkpoint_filter_fn, create_baseline
 from .mobilenetv2 import DCMobileNetV2
 from .resnet import DCResNet
 from .temperature import (KW_MOBILENET_SCHEDULE, KW_SCHEDULE, ODCONV_MOBILENET_SCHEDULE, ODCONV_SCHEDULE,
@@ -51,7 +52,4 @@ __all__ = [
     "checkpoint_filter_fn",
     "baseline_class",
     "baseline_kwargs",
-    "baseline_pyramid_channels",
 ]
-
-register_mmdet_backbones_if_loaded()

@@ -1,11 +1,9 @@
 # KernelWarehouse detection table (seed 004): Mask R-CNN + FPN, ConvNeXt-Tiny, 1x AdamW.
 _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', './_base_/kw_adamw_1x.py',
           '../_base_/default_runtime.py']
-custom_imports = dict(imports=['overlock.detection.baseline_backbones'], allow_failed_imports=False)
 model = dict(
     backbone=dict(_delete_=True, type='dc_convnext_tiny', out_indices=(0, 1, 2, 3), drop_path_rate=0.4,
-                  ls_init_value=1.0),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+                  ls_init_value=1.0))
 # ConvNeXt: layer-wise lr decay 0.95 over 6 layer groups, lr x0.1 after epochs 9 and 11
 optimizer = dict(_delete_=True, constructor='LearningRateDecayOptimizerConstructor', type='AdamW',
                  lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05,

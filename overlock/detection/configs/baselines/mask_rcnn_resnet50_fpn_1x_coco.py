@@ -3,8 +3,6 @@
 # classifier (backbone.imagenet_head=True reproduces that count; the default leaves it out).
 _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', '../_base_/datasets/coco_instance.py',
           './_base_/sgd_1x.py', '../_base_/default_runtime.py']
-custom_imports = dict(imports=['overlock.detection.baseline_backbones'], allow_failed_imports=False)
 model = dict(
     backbone=dict(_delete_=True, type='dc_resnet50',
-                  out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))
+                  out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True))

@@ -4,7 +4,7 @@ _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', '../_base_/datasets/coco
 width = 64
 model = dict(
     backbone=dict(type='overlock_xt', drop_path_rate=0.0),
-    neck=dict(in_channels=[56, 112, 340, 420], out_channels=width),
+    neck=dict(out_channels=width),
     rpn_head=dict(in_channels=width, feat_channels=width,
                   anchor_generator=dict(scales=[4], strides=[4, 8, 16, 32, 64])),
     roi_head=dict(

@@ -1,3 +1,3 @@
 _base_ = ['../_base_/models/faster_rcnn_overlock_fpn.py', '../_base_/datasets/coco_detection.py',
           '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime.py']
-model = dict(backbone=dict(type='overlock_b', drop_path_rate=0.4), neck=dict(in_channels=[80, 160, 528, 720]))
+model = dict(backbone=dict(type='overlock_b', drop_path_rate=0.4))

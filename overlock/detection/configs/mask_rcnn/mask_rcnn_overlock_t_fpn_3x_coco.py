@@ -1,3 +1,3 @@
 _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', '../_base_/datasets/coco_instance_mstrain.py',
           '../_base_/schedules/adamw_3x.py', '../_base_/default_runtime.py']
-model = dict(backbone=dict(type='overlock_t', drop_path_rate=0.2), neck=dict(in_channels=[64, 128, 384, 640]))
+model = dict(backbone=dict(type='overlock_t', drop_path_rate=0.2))

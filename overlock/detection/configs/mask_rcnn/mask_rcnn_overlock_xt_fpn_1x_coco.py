@@ -1,3 +1,3 @@
 _base_ = ['../_base_/models/mask_rcnn_overlock_fpn.py', '../_base_/datasets/coco_instance.py',
           '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime.py']
-model = dict(backbone=dict(type='overlock_xt', drop_path_rate=0.1), neck=dict(in_channels=[56, 112, 340, 420]))
+model = dict(backbone=dict(type='overlock_xt', drop_path_rate=0.1))

@@ -1,10 +1,13 @@
-# Mask R-CNN + FPN on an OverLoCK dense backbone (MMDetection 2.x). The backbone type, its drop path and
-# the FPN in_channels (the backbone's pyramid channels) are set by the size-specific leaf configs, and
-# again by overlock.detection.config from params (model.size, model.overrides, finetune.drop_path_rate).
+# Mask R-CNN + FPN on an OverLoCK dense backbone (MMDetection 2.x). The backbone type and its drop path are
+# set by the size-specific leaf configs, and again by overlock.detection.config from params (model.size,
+# model.overrides, finetune.drop_path_rate). The FPN in_channels are not typed here: load a config with
+# overlock.detection.config.load_config, which sets them from the built backbone (its out_channels).
+# custom_imports registers every backbone of overlock.catalog (and the baselines' temperature hook).
+custom_imports = dict(imports=['overlock.detection.registration'], allow_failed_imports=False)
 model = dict(
     type='MaskRCNN',
     backbone=dict(type='overlock_t', drop_path_rate=0.2, out_indices=(0, 1, 2, 3)),
-    neck=dict(type='FPN', in_channels=[64, 128, 384, 640], out_channels=256, num_outs=5),
+    neck=dict(type='FPN', out_channels=256, num_outs=5),
     rpn_head=dict(
         type='RPNHead',
         in_channels=256,

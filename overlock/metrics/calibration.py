@@ -2,7 +2,8 @@
 
 ECE (``l1``) and MCE (``max``) come from torchmetrics' ``MulticlassCalibrationError`` /
 ``BinaryCalibrationError`` (equal-width bins over the top-1 confidence). Adaptive ECE (equal-mass bins),
-which no library we use provides, and the reliability-diagram bins are computed here.
+which no library we use provides, and the reliability-diagram bins are computed here. Used by the calibrate
+stage (fit and report) and the evaluate stage (the calibrated classifier on val).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Metrics shared by several stages (calibration metrics: ECE, NLL, Brier, reliability bins)."""
