@@ -22,7 +22,6 @@ def backbone_module():
     return importlib.import_module("overlock.detection.backbone")
 
 
-@pytest.mark.skipif(not _mmdet_available(), reason="mmcv-full/mmdet not installed")
 def test_sizes_registered(backbone_module):
     from mmdet.models.builder import BACKBONES
 
