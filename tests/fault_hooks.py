@@ -39,3 +39,20 @@ class PoisonLoss(TrainCallback):
 
     def transform_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         return loss * float("nan") if step == self.step else loss
+
+
+class RecordCompute(TrainCallback):
+    """After the first step, write what this worker process runs with (ContMix backend, torch threads) to
+    ``<out_dir>/compute_rank<r>.json``: the pipeline's compute params must be applied in every worker."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_step_end(self, rank: int, epoch: int, batch: int, step: int) -> None:
+        if step == 1:
+            import json
+
+            from overlock.backends import contmix_backend
+            (self.out_dir / f"compute_rank{rank}.json").write_text(
+                json.dumps({"contmix_backend": contmix_backend(), "threads": torch.get_num_threads(),
+                            "pid": os.getpid()}))

@@ -218,12 +218,19 @@ def test_killed_stage_rerun_resumes_same_ray_and_mlflow_run(ray_local, demo_data
 
 
 def test_nan_loss_stops_with_error_naming_the_step(ray_local, demo_data, repo_tmp):
+    """Also: the Ray worker applies the pipeline's compute params itself (ContMix backend, its CPU share as
+    threads), nothing inherited through the environment."""
     from overlock.training.loop import NonFiniteLossError
-    poison = {"target": "fault_hooks:PoisonLoss", "kwargs": {"step": 3}}
-    params = parse_params(_raw_params(repo_tmp, workers=1, epochs=1, max_failures=2, callbacks=[poison]))
+    hooks = [{"target": "fault_hooks:PoisonLoss", "kwargs": {"step": 3}},
+             {"target": "fault_hooks:RecordCompute", "kwargs": {"out_dir": str(repo_tmp)}}]
+    raw = _raw_params(repo_tmp, workers=1, epochs=1, max_failures=2, callbacks=hooks)
+    params = parse_params({**raw, "compute": {"contmix_backend": "gather"}})
     paths = _paths(repo_tmp, demo_data)
     with pytest.raises(NonFiniteLossError, match=r"global step 3 .*lower pretrain\.lr"):
         _run_stage(params, paths)
+    worker = json.loads((repo_tmp / "compute_rank0.json").read_text())
+    assert worker["pid"] != os.getpid()
+    assert worker["contmix_backend"] == "gather" and worker["threads"] == 1
     assert not paths["out"].exists() and not paths["metrics"].exists()
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{repo_tmp}/mlflow.db")

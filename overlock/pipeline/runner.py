@@ -28,12 +28,12 @@ def stage_parser(spec: StageSpec, prog: str | None = None) -> argparse.ArgumentP
 
 def run_stage(stage: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv``, validate params (exit 2 naming the problem), run the stage in its context."""
+    spec = STAGES[stage]
+    args = stage_parser(spec, prog).parse_args(argv)  # --help stops here, before any heavy import
     from overlock.params import ParamsError, load_params
     from overlock.pipeline.context import open_stage
 
-    spec = STAGES[stage]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = stage_parser(spec, prog).parse_args(argv)
     try:
         params = load_params(args.params)
     except ParamsError as err:
