@@ -147,3 +147,34 @@ def test_contmix_backend_is_configured_explicitly_not_from_the_environment(tmp_p
 def test_production_code_reads_no_test_switches():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "overlock").rglob("*.py") if "OVERLOCK_TEST_" in p.read_text()]
     assert not offenders, f"test hooks belong to the tests (pretrain.callbacks), not to {offenders}"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports when it runs (imports under ``if TYPE_CHECKING:`` left out)."""
+    import ast
+
+    names: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+def test_library_below_the_kernel_does_not_import_it():
+    """Stage functions get their context passed in; only cli.py (the console script) sits above the kernel."""
+    offenders = []
+    for path in (REPO / "overlock").rglob("*.py"):
+        rel = path.relative_to(REPO / "overlock")
+        if rel.parts[0] == "pipeline" or rel.name in ("cli.py", "__main__.py"):
+            continue
+        if any(m == "overlock.pipeline" or m.startswith("overlock.pipeline.") for m in _runtime_imports(path)):
+            offenders.append(str(rel))
+    assert not offenders, f"import the stage kernel only under TYPE_CHECKING: {offenders}"
