@@ -6,8 +6,9 @@ metrics, plots):
 1. checks the inputs (detection layout, classifier checkpoint) and builds the mmdet config from params;
 2. ``finetune.mode: train`` — builds the detector, initialises the backbone from the pretrain output
    (``finetune.init: ema|raw``) or an official classification checkpoint (``checkpoint``), and trains with
-   ``mmdet.apis.train_detector``; the work dir is the stage's state directory (``.overlock/state/finetune/<hash>/``) and a re-run
-   after a kill resumes from the latest complete checkpoint there;
+   ``mmdet.apis.train_detector``; the work dir is the stage's state directory
+   (``.overlock/state/finetune/<hash>/``) and a re-run after a kill resumes from the latest complete
+   checkpoint there;
    ``finetune.mode: evaluate`` — loads a detector checkpoint (e.g. an official Mask R-CNN release);
 3. evaluates on val with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l), writes the DVC metrics, the loss
    curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``)
@@ -45,8 +46,8 @@ if TYPE_CHECKING:  # the kernel is above this package: only its type is named he
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_finetune", "input_fingerprint", "check_inputs", "read_classes", "latest_checkpoint", "init_backbone", "evaluate_detector",
-           "COCO_METRICS", "REGISTERED_NAME"]
+__all__ = ["run_finetune", "input_fingerprint", "check_inputs", "read_classes", "latest_checkpoint",
+           "init_backbone", "evaluate_detector", "COCO_METRICS", "REGISTERED_NAME"]
 
 REGISTERED_NAME = "overlock-detector"
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")

@@ -2,10 +2,11 @@
 per-epoch checkpoints through ``ray.train.report`` and MLflow logging from rank 0.
 
 :class:`TrainingWorker` is the loop as named pieces: set up (compute, model, loaders, optimizer), resume,
-train an epoch, evaluate, checkpoint. The loop resumes from ``ray.train.get_checkpoint()`` (a worker failure, or a re-run of a killed stage that
-finds the same Ray run). MLflow steps already in the run are never logged again, so a resumed run has no
-duplicated steps. A non-finite loss is not a worker failure: every rank stops, rank 0 records the error in
-``config["fatal_file"]`` and the driver raises it (Ray's retries would only repeat it).
+train an epoch, evaluate, checkpoint. It resumes from ``ray.train.get_checkpoint()`` (a worker failure, or a
+re-run of a killed stage that finds the same Ray run). MLflow steps already in the run are never logged
+again, so a resumed run has no duplicated steps. A non-finite loss is not a worker failure: every rank stops,
+rank 0 records the error in ``config["fatal_file"]`` and the driver raises it (Ray's retries would only
+repeat it). Code outside the library hooks in through ``pretrain.callbacks`` (:mod:`.callbacks`).
 """
 from __future__ import annotations
 

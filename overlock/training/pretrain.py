@@ -3,9 +3,9 @@
 Runs the same from DVC (a local Ray runtime, or ``pretrain.ray_address`` / ``$RAY_ADDRESS``) and as a Ray
 job (``ray job submit --working-dir . -- python pipelines/pretrain.py ...``), in the stage kernel's context
 (``overlock.pipeline``). Ray's storage lives under the stage state directory's hash
-(``<storage>/pretrain-<hash>``), outside DVC outs: a re-run after a kill finds the same Ray run and resumes from its latest checkpoint; Ray retries worker failures from the last
-checkpoint (``pretrain.max_failures``). The outputs are written at the end from the latest checkpoint,
-through a staging directory. On a multi-node cluster ``pretrain.storage_path`` and the MLflow store
+(``<storage>/pretrain-<hash>``), outside DVC outs: a re-run after a kill finds the same Ray run and resumes
+from its latest checkpoint; Ray retries worker failures from the last checkpoint (``pretrain.max_failures``).
+The outputs are written at the end from the latest checkpoint, through the context's staging directory. On a multi-node cluster ``pretrain.storage_path`` and the MLflow store
 (``tracking.uri``: an absolute path on shared storage, or an ``mlflow server``) must be reachable from
 every node.
 """
