@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from overlock.backends import set_contmix_backend
 from overlock.params import ComputeParams
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,12 +36,17 @@ def select_device(compute: ComputeParams) -> torch.device:
     return torch.device("cpu")
 
 
-def configure(compute: ComputeParams, seed: int | None = None) -> torch.device:
-    """Apply threads, the ContMix backend choice and the seed; return the device to use."""
-    if compute.threads:
-        torch.set_num_threads(compute.threads)
-    if compute.contmix_backend != "auto":
-        os.environ["OVERLOCK_CONTMIX_BACKEND"] = compute.contmix_backend
+def configure(compute: ComputeParams, seed: int | None = None, default_threads: int | None = None) -> torch.device:
+    """Apply threads, the ContMix backend choice and the seed; return the device to use.
+
+    Called by the stage kernel in the driver and by every Ray Train / torchrun worker with the same
+    ``compute`` params (a worker passes its CPU share as ``default_threads``); nothing goes through the
+    environment, so a worker on another node applies exactly these settings.
+    """
+    threads = compute.threads or default_threads
+    if threads:
+        torch.set_num_threads(threads)
+    set_contmix_backend(compute.contmix_backend)
     if seed is not None:
         seed_everything(seed)
     return select_device(compute)

@@ -117,6 +117,12 @@ class ModelParams(_Section):
         return self
 
 
+class CallbackParams(_Section):
+    """A training-loop callback (overlock/training/callbacks.py): ``target`` "module:name" and its ``kwargs``."""
+    target: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class PretrainParams(_Section):
     """ImageNet-style pretraining with Ray Train (official recipe defaults where they apply)."""
     recipe: Literal["demo", "official"] = "demo"
@@ -148,6 +154,13 @@ class PretrainParams(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     log_every_steps: int = Field(5, ge=1)
     num_data_workers: int = Field(0, ge=0)
+    # operational: hooks every Ray worker imports and calls ("module:name" or {target, kwargs}); tests use them
+    callbacks: list[CallbackParams] = Field(default_factory=list)
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callback_strings(cls, v: Any) -> Any:
+        return [{"target": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
 
 
 class FinetuneParams(_Section):

@@ -6,13 +6,14 @@ configuration's checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -55,13 +56,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_csv_atomic(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    """Write ``rows`` (only ``columns``) as CSV through a temporary file and rename; return ``path``."""
+def write_csv_atomic(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
+    """Write ``rows`` (only ``columns``) as CSV through a temporary file and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -81,3 +82,20 @@ def replace_dir_atomic(staging: Path, final: Path) -> None:
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, final)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside ``final``; it replaces ``final`` only when the block ends
+    without an error, so a failed or killed stage never leaves a partial output that looks valid."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging"  # a fixed name: what a killed run left is cleared here
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        replace_dir_atomic(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -9,14 +9,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (DVC, ray job submit): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from overlock.cli import run_stage  # noqa: E402
-
-PATHS = {"data": "root of the extracted datasets", "out": "classifier output directory (final + best)",
-         "metrics": "DVC metrics JSON", "plots": "DVC plots directory"}
+from overlock.pipeline.runner import run_stage  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return run_stage("pretrain", PATHS, "overlock.training.pretrain:run_pretrain", argv, resume_key="overlock.training.pretrain:resume_key")
+    return run_stage("pretrain", argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
 """DVC stage `finetune`: MMDetection fine-tuning (Mask R-CNN / Faster R-CNN) of the pretrained backbone."""
 import sys
 
-from overlock.cli import run_stage
-
-PATHS = {"data": "root of the extracted datasets", "classifier": "pretrain stage output",
-         "out": "detector output directory", "metrics": "DVC metrics JSON", "plots": "DVC plots directory"}
+from overlock.pipeline.runner import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("finetune", PATHS, "overlock.detection.finetune:run_finetune", argv, resume_key="overlock.detection.finetune:resume_key")
+    return run_stage("finetune", argv)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,17 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray runtime for the whole test session (2 CPUs, no dashboard). Yields its GCS address."""
+    """One local Ray runtime for the whole test session (2 CPUs, no dashboard). Yields its GCS address.
+
+    Its worker processes (of every job, subprocess drivers included) inherit this environment: tests/ and the
+    repository root go on their PYTHONPATH, so test hooks (``pretrain.callbacks: fault_hooks:...``) import."""
+    import os
+    from pathlib import Path
+
     import ray
+    here = Path(__file__).resolve().parent
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(here), str(here.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address

@@ -223,17 +223,12 @@ def test_reliability_png_is_a_real_image(calibrated):
 def test_calibrate_fails_cleanly_without_a_classifier(calib_eval_workspace, tmp_path):
     from overlock.calibration.stage import run_calibrate
     from overlock.params import parse_params
+    from overlock.pipeline.context import open_stage
 
     params = parse_params(calib_eval_workspace["raw_params"])
+    paths = {"data": calib_eval_workspace["data"], "classifier": tmp_path / "nope", "detector": tmp_path / "det",
+             "out": tmp_path / "out", "metrics": tmp_path / "m.json", "plots": tmp_path / "plots"}
     with pytest.raises(FileNotFoundError, match="dvc repro pretrain"):
-        run_calibrate(
-            params,
-            None,
-            calib_eval_workspace["data"],
-            tmp_path / "nope",
-            tmp_path / "det",
-            tmp_path / "out",
-            tmp_path / "m.json",
-            tmp_path / "plots",
-        )
+        with open_stage("calibrate", params, track=False, **paths) as ctx:
+            run_calibrate(ctx)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()

@@ -182,19 +182,24 @@ def test_missing_inputs_fail_clearly_without_outputs(workspace, tmp_path):
     from overlock.detection.finetune import run_finetune
     from overlock.params import parse_params
 
+    from overlock.pipeline.context import open_stage
+
     root = workspace["root"]
     params = parse_params(_params(workspace["store"]))
     out = tmp_path / "detector"
+
+    def run(params, data, classifier):
+        with open_stage("finetune", params, track=False, data=data, classifier=classifier, out=out,
+                        metrics=tmp_path / "m.json", plots=tmp_path / "plots") as ctx:
+            run_finetune(ctx)
+
     with pytest.raises(FileNotFoundError, match="extract"):
-        run_finetune(params, None, tmp_path / "nodata", root / "models/classifier", out, tmp_path / "m.json",
-                     tmp_path / "plots")
+        run(params, tmp_path / "nodata", root / "models/classifier")
     with pytest.raises(FileNotFoundError, match="pretrain"):
-        run_finetune(params, None, root / "data/datasets", tmp_path / "noclassifier", out, tmp_path / "m.json",
-                     tmp_path / "plots")
+        run(params, root / "data/datasets", tmp_path / "noclassifier")
     bad = parse_params(_params(workspace["store"], init="checkpoint"))
     with pytest.raises(ValueError, match="finetune.checkpoint"):
-        run_finetune(bad, None, root / "data/datasets", root / "models/classifier", out, tmp_path / "m.json",
-                     tmp_path / "plots")
+        run(bad, root / "data/datasets", root / "models/classifier")
     assert not out.exists() and not (tmp_path / "m.json").exists()
 
 
@@ -203,16 +208,16 @@ def test_evaluate_mode_reproduces_the_trained_metrics(killed_and_resumed, tmp_pa
     """``finetune.mode: evaluate`` on our own detector.pth (a foreign file: loaded weights_only) gives its AP."""
     from overlock.detection.finetune import run_finetune
     from overlock.params import parse_params
-    from overlock.tracking import stage_run
+    from overlock.pipeline.context import open_stage
 
     root = killed_and_resumed["root"]
     params = parse_params(_params(killed_and_resumed["store"], mode="evaluate",
                                   checkpoint=str(root / "models/detector/detector.pth")))
     params.tracking.register_models = False
     monkeypatch.setenv("OVERLOCK_REPO", str(root))
-    with stage_run("finetune", params) as run:
-        metrics = run_finetune(params, run, root / "data/datasets", root / "models/classifier",
-                               tmp_path / "detector", tmp_path / "metrics.json", tmp_path / "plots")
+    with open_stage("finetune", params, data=root / "data/datasets", classifier=root / "models/classifier",
+                    out=tmp_path / "detector", metrics=tmp_path / "metrics.json", plots=tmp_path / "plots") as ctx:
+        metrics = run_finetune(ctx)
     trained = json.loads((root / "metrics/finetune.json").read_text())
     for key in ("bbox_mAP", "bbox_mAP_50", "segm_mAP"):
         assert metrics[key] == pytest.approx(trained[key], abs=1e-3)

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from overlock.params import parse_params
-from overlock.tracking import stage_run
+from overlock.pipeline.context import open_stage
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -73,10 +73,15 @@ def _paths(tmp: Path, data: Path) -> dict:
 
 
 def _run_stage(params, paths):
-    from overlock.training.pretrain import resume_key, run_pretrain
-    with stage_run("pretrain", params, resume_key=resume_key(params, **paths)) as run:
-        summary = run_pretrain(params, run, **paths)
-    return run, summary
+    from overlock.training.pretrain import run_pretrain
+    with open_stage("pretrain", params, **paths) as ctx:
+        summary = run_pretrain(ctx)
+    return ctx.run, summary
+
+
+def _hold(hooks: Path, hold_s: float) -> dict:
+    """pretrain.callbacks entry of the kill tests (tests/fault_hooks.py, imported by every Ray worker)."""
+    return {"target": "fault_hooks:HoldAfterFirstStep", "kwargs": {"pid_dir": str(hooks), "hold_s": hold_s}}
 
 
 @pytest.fixture
@@ -108,12 +113,10 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_two_workers_learn_survive_a_killed_worker_and_write_outputs(ray_local, demo_data, repo_tmp, monkeypatch):
+def test_two_workers_learn_survive_a_killed_worker_and_write_outputs(ray_local, demo_data, repo_tmp):
     """2 CPU workers, 2 epochs; rank 1's Ray worker process is SIGKILLed mid-epoch 2 (max_failures=1)."""
     hooks = repo_tmp / "hooks"
     hooks.mkdir()
-    monkeypatch.setenv("OVERLOCK_TEST_PID_DIR", str(hooks))
-    monkeypatch.setenv("OVERLOCK_TEST_HOLD_S", "10")
     killed = {}
 
     def killer():
@@ -124,7 +127,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_write_outputs(ray_local, 
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    params = parse_params(_raw_params(repo_tmp))
+    params = parse_params(_raw_params(repo_tmp, callbacks=[_hold(hooks, 10)]))
     paths = _paths(repo_tmp, demo_data)
     run, summary = _run_stage(params, paths)
     thread.join(timeout=5)
@@ -177,12 +180,12 @@ def test_killed_stage_rerun_resumes_same_ray_and_mlflow_run(ray_local, demo_data
     hooks = repo_tmp / "hooks"
     hooks.mkdir()
     params_file = repo_tmp / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_raw_params(repo_tmp)))
+    params_file.write_text(yaml.safe_dump(_raw_params(repo_tmp, callbacks=[_hold(hooks, 20)])))
     paths = _paths(repo_tmp, demo_data)
     cmd = [PY, str(REPO / "pipelines" / "pretrain.py"), "--params", str(params_file),
            *[a for k, v in paths.items() for a in (f"--{k}", str(v))]]
-    env = {**os.environ, "OVERLOCK_REPO": str(repo_tmp), "RAY_ADDRESS": ray_local, "OVERLOCK_TEST_PID_DIR": str(hooks),
-           "OVERLOCK_TEST_HOLD_S": "20", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OVERLOCK_REPO": str(repo_tmp), "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     log1 = (repo_tmp / "first.log").open("w")
     first = subprocess.Popen(cmd, cwd=repo_tmp, env=env, stdout=log1, stderr=subprocess.STDOUT)
     try:
@@ -214,13 +217,20 @@ def test_killed_stage_rerun_resumes_same_ray_and_mlflow_run(ray_local, demo_data
     assert torch.load(paths["out"] / "final.pth", weights_only=True)["epoch"] == 2
 
 
-def test_nan_loss_stops_with_error_naming_the_step(ray_local, demo_data, repo_tmp, monkeypatch):
+def test_nan_loss_stops_with_error_naming_the_step(ray_local, demo_data, repo_tmp):
+    """Also: the Ray worker applies the pipeline's compute params itself (ContMix backend, its CPU share as
+    threads), nothing inherited through the environment."""
     from overlock.training.loop import NonFiniteLossError
-    monkeypatch.setenv("OVERLOCK_TEST_POISON_STEP", "3")
-    params = parse_params(_raw_params(repo_tmp, workers=1, epochs=1, max_failures=2))
+    hooks = [{"target": "fault_hooks:PoisonLoss", "kwargs": {"step": 3}},
+             {"target": "fault_hooks:RecordCompute", "kwargs": {"out_dir": str(repo_tmp)}}]
+    raw = _raw_params(repo_tmp, workers=1, epochs=1, max_failures=2, callbacks=hooks)
+    params = parse_params({**raw, "compute": {"contmix_backend": "gather"}})
     paths = _paths(repo_tmp, demo_data)
     with pytest.raises(NonFiniteLossError, match=r"global step 3 .*lower pretrain\.lr"):
         _run_stage(params, paths)
+    worker = json.loads((repo_tmp / "compute_rank0.json").read_text())
+    assert worker["pid"] != os.getpid()
+    assert worker["contmix_backend"] == "gather" and worker["threads"] == 1
     assert not paths["out"].exists() and not paths["metrics"].exists()
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{repo_tmp}/mlflow.db")

@@ -9,6 +9,7 @@ from torch import nn
 
 from overlock.params import parse_params
 from overlock.training import recipe
+from overlock.training.callbacks import TrainCallback
 from overlock.training.loop import NonFiniteLossError, loss_with_fallback
 
 
@@ -70,6 +71,14 @@ class _NanUnderBf16(nn.Module):
         return y * float("nan") if y.dtype == torch.bfloat16 else y
 
 
+class _PoisonStep(TrainCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def transform_loss(self, loss, step):
+        return loss * float("nan") if step == self.step else loss
+
+
 def test_amp_non_finite_loss_retries_in_fp32_then_fails(caplog):
     model, x, y = _NanUnderBf16(), torch.randn(2, 4), torch.tensor([0, 1])
     crit, cpu = nn.CrossEntropyLoss(), torch.device("cpu")
@@ -78,21 +87,21 @@ def test_amp_non_finite_loss_retries_in_fp32_then_fails(caplog):
     assert torch.isfinite(loss) and "retrying the step in fp32" in caplog.text
     loss.backward()  # the fp32 retry is a normal differentiable loss
     with pytest.raises(NonFiniteLossError, match="global step 12 .*fp32 retry too"):
-        loss_with_fallback(model, x, y, crit, 0.4, "bf16", cpu, step=12, poison_step=12)
+        loss_with_fallback(model, x, y, crit, 0.4, "bf16", cpu, step=12, callbacks=_PoisonStep(12))
 
 
 def test_bad_inputs_fail_before_any_training(tmp_path, monkeypatch):
-    from overlock.tracking import stage_run
+    from overlock.pipeline.context import open_stage
     from overlock.training.pretrain import run_pretrain
     monkeypatch.setenv("OVERLOCK_REPO", str(tmp_path))
     paths = {"data": tmp_path / "missing", "out": tmp_path / "out", "metrics": tmp_path / "m.json",
              "plots": tmp_path / "plots"}
     raw = {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
     with pytest.raises(FileNotFoundError, match="run the extract stage"):
-        with stage_run("pretrain", parse_params(raw)) as run:
-            run_pretrain(parse_params(raw), run, **paths)
+        with open_stage("pretrain", parse_params(raw), **paths) as ctx:
+            run_pretrain(ctx)
     fp16 = parse_params({**raw, "compute": {"precision": "fp16"}})
     with pytest.raises(ValueError, match="fp16 needs GPUs"):
-        with stage_run("pretrain", fp16) as run:
-            run_pretrain(fp16, run, **paths)
+        with open_stage("pretrain", fp16, **paths) as ctx:
+            run_pretrain(ctx)
     assert not paths["out"].exists() and not paths["metrics"].exists()

@@ -8,29 +8,23 @@ Outputs (written to a staging directory, then moved into place): ``<out>/tempera
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overlock.calibration.detection import DETECTOR_CALIBRATION_FILE, calibrate_detector
 from overlock.calibration.temperature import fit_temperature, save_temperature
-from overlock.compute import select_device
 from overlock.inference.calibrated import apply_temperature
 from overlock.metrics.calibration import classification_calibration, reliability_bins, top1_confidence
 from overlock.params import Params
-from overlock.state import replace_dir_atomic, write_csv_atomic, write_json_atomic
-from overlock.tracking import StageRun, write_metrics_file
+from overlock.state import write_json_atomic
+from overlock.tracking import write_metrics_file
+
+if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
+    from overlock.pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
 RELIABILITY_CSV = "reliability.csv"
-
-
-def _staging(out: Path) -> Path:
-    staging = out.parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
 
 
 def calibrate_classifier(params: Params, data: Path, classifier: Path, device) -> dict:
@@ -82,25 +76,48 @@ def _flat_metrics(result: dict, detector: dict) -> dict:
     return flat
 
 
-def run_calibrate(
-    params: Params,
-    run: StageRun,
-    data: Path,
-    classifier: Path,
-    detector: Path,
-    out: Path,
-    metrics: Path,
-    plots: Path,
-) -> dict:
+def run_calibrate(ctx: "StageContext") -> dict:
     """Calibrate the classifier (and the detector when there is one); write outs, metrics, plots, MLflow."""
+    params, run, data, device = ctx.params, ctx.run, ctx["data"], ctx.device
+    result = calibrate_classifier(params, data, ctx["classifier"], device)
+    detector_result = calibrate_detector(params, ctx["detector"], data, device)
+    with ctx.publish() as staging:
+        _write_outputs(params, result, detector_result, staging)
+
+    rows = [{**r, "when": when} for when in ("before", "after") for r in result["reliability"][f"val/{when}"]]
+    ctx.write_plot(rows, ["confidence", "accuracy", "count", "when"])
+    flat = _flat_metrics(result, detector_result)
+    write_metrics_file(ctx["metrics"], {**flat, "detector.status": detector_result["status"]})
+
+    run.log_summary(flat)
+    run.set_tags(
+        {
+            "calibrate.detector": detector_result["status"],
+            **(
+                {"calibrate.detector_skip_reason": detector_result["reason"]}
+                if detector_result.get("reason")
+                else {}
+            ),
+        }
+    )
+    for path in sorted(ctx["out"].iterdir()):
+        run.log_artifact(path, "calibration")
+    run.log_artifact(ctx["plots"] / RELIABILITY_CSV, "plots")
+    log.info(
+        "temperature %.3f; val ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+        result["temperature"],
+        result["before"]["val"]["ece"],
+        result["after"]["val"]["ece"],
+        result["before"]["val"]["nll"],
+        result["after"]["val"]["nll"],
+    )
+    return {"temperature": result["temperature"], "metrics": flat, "detector": detector_result}
+
+
+def _write_outputs(params: Params, result: dict, detector_result: dict, staging: Path) -> None:
+    """temperature.json, detector_calibration.json and the reliability diagrams, into ``staging``."""
     from overlock.calibration.plots import reliability_diagram
 
-    device = select_device(params.compute)
-    out, plots = Path(out), Path(plots)
-    result = calibrate_classifier(params, data, classifier, device)
-    detector_result = calibrate_detector(params, Path(detector), Path(data), device)
-
-    staging = _staging(out)
     split, bins = params.calibrate.split, params.calibrate.bins
     save_temperature(
         staging,
@@ -146,33 +163,3 @@ def run_calibrate(
         )
     else:
         log.warning("detector calibration skipped: %s", detector_result.get("reason"))
-    replace_dir_atomic(staging, out)
-
-    rows = [{**r, "when": when} for when in ("before", "after") for r in result["reliability"][f"val/{when}"]]
-    write_csv_atomic(plots / RELIABILITY_CSV, rows, ["confidence", "accuracy", "count", "when"])
-    flat = _flat_metrics(result, detector_result)
-    write_metrics_file(metrics, {**flat, "detector.status": detector_result["status"]})
-
-    run.log_summary(flat)
-    run.set_tags(
-        {
-            "calibrate.detector": detector_result["status"],
-            **(
-                {"calibrate.detector_skip_reason": detector_result["reason"]}
-                if detector_result.get("reason")
-                else {}
-            ),
-        }
-    )
-    for path in sorted(out.iterdir()):
-        run.log_artifact(path, "calibration")
-    run.log_artifact(plots / RELIABILITY_CSV, "plots")
-    log.info(
-        "temperature %.3f; val ECE %.4f -> %.4f, NLL %.4f -> %.4f",
-        result["temperature"],
-        result["before"]["val"]["ece"],
-        result["after"]["val"]["ece"],
-        result["before"]["val"]["nll"],
-        result["after"]["val"]["nll"],
-    )
-    return {"temperature": result["temperature"], "metrics": flat, "detector": detector_result}

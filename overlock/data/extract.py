@@ -172,7 +172,7 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     """
     from overlock.data import layouts
     from overlock.data.own_sources import own_datasets
-    from overlock.tracking import write_metrics_file
+    from overlock.tracking import flatten, write_metrics_file
     archives, out = Path(archives), Path(out)
     manifest = read_manifest(archives)
     key = _fingerprint(params, manifest)
@@ -194,7 +194,8 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     report = read_json(out / layouts.REPORT)
     flat = layouts.report_metrics(report)
     write_metrics_file(metrics, flat)
-    run.log_summary({k.replace("/", "."): v for k, v in _flatten(flat).items()})
+    run.log_summary({k.replace("/", "."): float(v) for k, v in flatten(flat).items()
+                     if isinstance(v, (int, float))})
     run.log_artifact(out / layouts.REPORT, "extract")
     for png in sorted(out.glob("integrity_*.png")):
         run.log_artifact(png, "extract")
@@ -202,12 +203,3 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     print(f"extract: {json.dumps(flat)}", file=sys.stderr)
     return {**report, "skipped": skipped}
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = float(v)
-    return out

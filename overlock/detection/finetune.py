@@ -1,12 +1,14 @@
 """The ``finetune`` stage: MMDetection fine-tuning of the pretrained backbone, then COCO evaluation.
 
-``run_finetune(params, run, data, classifier, out, metrics, plots)``:
+``run_finetune(ctx)`` (a :class:`overlock.pipeline.context.StageContext` with paths data, classifier, out,
+metrics, plots):
 
 1. checks the inputs (detection layout, classifier checkpoint) and builds the mmdet config from params;
 2. ``finetune.mode: train`` — builds the detector, initialises the backbone from the pretrain output
    (``finetune.init: ema|raw``) or an official classification checkpoint (``checkpoint``), and trains with
-   ``mmdet.apis.train_detector``; the work dir lives in ``.overlock/state/finetune/<hash>/`` and a re-run
-   after a kill resumes from the latest complete checkpoint there;
+   ``mmdet.apis.train_detector``; the work dir is the stage's state directory
+   (``.overlock/state/finetune/<hash>/``) and a re-run after a kill resumes from the latest complete
+   checkpoint there;
    ``finetune.mode: evaluate`` — loads a detector checkpoint (e.g. an official Mask R-CNN release);
 3. evaluates on val with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l), writes the DVC metrics, the loss
    curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``)
@@ -27,6 +29,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,15 +38,17 @@ from overlock.compute import repo_root
 from overlock.detection.config import build_detection_config, coco_files
 from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
 from overlock.params import Params
-from overlock.state import file_digest, read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
+from overlock.state import file_digest, read_json, write_json_atomic
 from overlock.tracking import StageRun, attach_run, write_metrics_file
+
+if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
+    from overlock.pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_finetune", "resume_key", "check_inputs", "read_classes", "latest_checkpoint", "init_backbone", "evaluate_detector",
-           "COCO_METRICS", "REGISTERED_NAME"]
+__all__ = ["run_finetune", "input_fingerprint", "check_inputs", "read_classes", "latest_checkpoint",
+           "init_backbone", "evaluate_detector", "COCO_METRICS", "REGISTERED_NAME"]
 
-STATE_SECTIONS = ("data", "model", "finetune", "compute")
 REGISTERED_NAME = "overlock-detector"
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
@@ -90,18 +95,15 @@ def _annotations_without_masks(data: Path) -> int:
     return int(report.get("detection", {}).get("annotations_without_masks", {}).get("train", 0))
 
 
-def _state_dir(params: Params, data: Path, classifier: Path) -> Path:
+def input_fingerprint(params: Params, data: Path, classifier: Path, **_: Path) -> str:
+    """The resume-key input of the stage (:attr:`StageSpec.resume_inputs`): the COCO annotation files and the
+    backbone's initial checkpoint (a changed one never resumes another run's work dir)."""
     files = coco_files(Path(data))
-    extra = [file_digest(Path(files[s][0])) for s in ("train", "val") if Path(files[s][0]).is_file()]
-    source = _init_source(params, classifier)
+    digests = [file_digest(Path(files[s][0])) for s in ("train", "val") if Path(files[s][0]).is_file()]
+    source = _init_source(params, Path(classifier))
     if source is not None and source.is_file():
-        extra.append(file_digest(source))
-    return stage_state_dir("finetune", params, STATE_SECTIONS, extra="|".join(extra))
-
-
-def resume_key(params: Params, **paths: Path) -> str:
-    """Key of this configuration (params + input data + init checkpoint): a re-run resumes its MLflow run."""
-    return _state_dir(params, paths["data"], paths["classifier"]).name
+        digests.append(file_digest(source))
+    return "|".join(digests)
 
 
 def read_classes(ann_file: str) -> list[str]:
@@ -291,14 +293,13 @@ def _launch_torchrun(params: Params, params_file: Path, run: StageRun, data: Pat
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def _write_plots(history: list[dict], plots: Path) -> Path:
+def _write_plots(history: list[dict], ctx: "StageContext") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots.mkdir(parents=True, exist_ok=True)
-    lines = ["iter,loss"] + [f"{r['iter']},{r['loss']:.6g}" for r in history if "loss" in r]
-    (plots / "loss.csv").write_text("\n".join(lines) + "\n")
+    plots = ctx["plots"]
+    ctx.write_plot([{"iter": r["iter"], "loss": f"{r['loss']:.6g}"} for r in history if "loss" in r], ["iter", "loss"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     terms = sorted({k for r in history for k in r if k.startswith("loss")})
     for k in terms:
@@ -327,22 +328,18 @@ def _clean_config(cfg):
     return Config(raw)
 
 
-def _publish(params: Params, run: StageRun, cfg, work_dir: Path, result: dict, out: Path, metrics: Path,
-             plots: Path) -> None:
+def _publish(ctx: "StageContext", cfg, work_dir: Path, result: dict) -> None:
     """Write the outs through a staging dir, the DVC metrics and plots, and log everything to MLflow."""
-    out = Path(out)
-    staging = out.parent / f".{out.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shutil.copy2(work_dir / "final_detector.pth", staging / "detector.pth")
-    _clean_config(cfg).dump(str(staging / "config.py"))
+    params, run, out = ctx.params, ctx.run, ctx["out"]
     summary = {**result["metrics"], **{k: v for k, v in result["info"].items() if isinstance(v, (int, float))}}
-    write_json_atomic(staging / "metrics.json", {**summary, "info": result["info"]})
-    replace_dir_atomic(staging, out)
+    with ctx.publish() as staging:
+        shutil.copy2(work_dir / "final_detector.pth", staging / "detector.pth")
+        _clean_config(cfg).dump(str(staging / "config.py"))
+        write_json_atomic(staging / "metrics.json", {**summary, "info": result["info"]})
 
     history = read_loss_history(work_dir / LOSS_HISTORY)
-    png = _write_plots(history, Path(plots))
-    write_metrics_file(metrics, summary)
+    png = _write_plots(history, ctx)
+    write_metrics_file(ctx["metrics"], summary)
 
     run.log_summary({k: v for k, v in summary.items()})
     run.set_tags({f"finetune.{k}": v for k, v in result["info"].items() if not isinstance(v, (int, float))})
@@ -359,16 +356,14 @@ def _publish(params: Params, run: StageRun, cfg, work_dir: Path, result: dict, o
 
 
 # ---------------------------------------------------------------------------------------- entry points
-def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, out: Path, metrics: Path,
-                 plots: Path) -> dict:
+def run_finetune(ctx: "StageContext") -> dict:
     """The finetune stage (see the module docstring); returns the metrics written to ``metrics``."""
-    from overlock.compute import select_device
-
+    params, run, data, classifier = ctx.params, ctx.run, ctx["data"], ctx["classifier"]
     ft = params.finetune
-    files = check_inputs(params, Path(data), Path(classifier))
+    files = check_inputs(params, data, classifier)
     classes = read_classes(files["train"][0])
-    work_dir = _state_dir(params, Path(data), Path(classifier))
-    device = select_device(params.compute).type
+    work_dir = ctx.state_dir
+    device = ctx.device.type
     world = (ft.nproc_per_node or torch.cuda.device_count()) if ft.launcher == "pytorch" else 1
     cfg = build_detection_config(params, Path(data), work_dir, classes, device=device, world_size=max(world, 1))
     run.log_params({"finetune.config_file": str(Path(cfg.filename).name), "finetune.work_dir": str(work_dir)})
@@ -380,13 +375,13 @@ def run_finetune(params: Params, run: StageRun, data: Path, classifier: Path, ou
     elif ft.launcher == "pytorch":
         params_file = work_dir / "params.json"
         write_json_atomic(params_file, params.model_dump(mode="json"))
-        _launch_torchrun(params, params_file, run, Path(data), Path(classifier), work_dir)
+        _launch_torchrun(params, params_file, run, data, classifier, work_dir)
         result = read_json(work_dir / "result.json")
         if result is None:
             raise RuntimeError(f"the torchrun workers finished without writing {work_dir / 'result.json'}")
     else:
-        result = _train(params, cfg, Path(classifier), run.uri, run.run_id, distributed=False)
-    _publish(params, run, cfg, work_dir, result, Path(out), Path(metrics), Path(plots))
+        result = _train(params, cfg, classifier, run.uri, run.run_id, distributed=False)
+    _publish(ctx, cfg, work_dir, result)
     return result["metrics"]
 
 
@@ -394,6 +389,7 @@ def _worker(argv: list[str]) -> int:
     """torchrun worker: initialise the process group, train on this rank's GPU (or CPU), rank 0 logs to MLflow."""
     from mmcv.runner import init_dist
 
+    from overlock.compute import configure
     from overlock.params import parse_params
 
     parser = argparse.ArgumentParser(prog="python -m overlock.detection.finetune worker")
@@ -401,6 +397,7 @@ def _worker(argv: list[str]) -> int:
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
     params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
+    configure(params.compute, params.seed)  # the pipeline's compute params, applied in this process too
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         init_dist("pytorch", backend="nccl")  # also pins this rank's GPU

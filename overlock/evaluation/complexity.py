@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 
 import torch
@@ -28,17 +27,10 @@ def count_parameters(model: nn.Module, exclude_prefixes: tuple[str, ...] = ()) -
 @contextlib.contextmanager
 def _traceable_contmix():
     """Run OverLoCK's ContMix with the ``gather`` reference backend (plain ops + einsum) so jit tracing works."""
-    from overlock.models.contmix import BACKEND_ENV_VAR
+    from overlock.backends import contmix_backend_override
 
-    old = os.environ.get(BACKEND_ENV_VAR)
-    os.environ[BACKEND_ENV_VAR] = "gather"
-    try:
+    with contmix_backend_override("gather"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV_VAR, None)
-        else:
-            os.environ[BACKEND_ENV_VAR] = old
 
 
 def count_flops(model: nn.Module, input_size: int) -> dict:

@@ -11,6 +11,7 @@ import logging
 import platform
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,8 +37,11 @@ from overlock.inference.classifier import (
     read_classifier_info,
 )
 from overlock.params import Params
-from overlock.state import read_json, replace_dir_atomic, write_csv_atomic
-from overlock.tracking import StageRun, write_metrics_file
+from overlock.state import read_json
+from overlock.tracking import write_metrics_file
+
+if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
+    from overlock.pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -498,26 +502,29 @@ def provenance_section(params: Params, report: Report) -> None:
     )
 
 
-def run_evaluate(
-    params: Params,
-    run: StageRun,
-    data: Path,
-    classifier: Path,
-    detector: Path,
-    calibration: Path,
-    out: Path,
-    metrics: Path,
-    plots: Path,
-) -> dict:
+def run_evaluate(ctx: "StageContext") -> dict:
     """Evaluate the classifier (and detector) and write the report, DVC metrics/plots and MLflow entries."""
-    plots_dir = Path(plots)
-    device = select_device(params.compute)
-    out = Path(out)
+    params, run, out = ctx.params, ctx.run, ctx["out"]
+    with ctx.publish() as staging:
+        flat, per_class = _write_report(params, ctx["data"], ctx["classifier"], ctx["detector"],
+                                        ctx["calibration"], ctx.device, staging)
+    ctx.write_plot([{"class": n, "accuracy": a} for n, a in per_class], ["class", "accuracy"])
+    numeric = {
+        k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    write_metrics_file(ctx["metrics"], {**numeric, "detection.status": flat.get("detection.status", "skipped")})
+    if run is not None:
+        run.log_summary(numeric)
+        run.log_artifacts(out, "report")
+        run.log_artifact(ctx["plots"] / PER_CLASS_CSV, "plots")
+    log.info("report written to %s", out / "report.html")
+    return {"metrics": numeric, "report": out / "report.html"}
+
+
+def _write_report(params: Params, data: Path, classifier: Path, detector: Path, calibration: Path, device,
+                  staging: Path) -> tuple[dict, list]:
+    """Every section of the report, written into ``staging``; returns the flat metrics and per-class accuracy."""
     info = read_classifier_info(classifier)
-    staging = out.parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     report = Report(f"OverLoCK pipeline report: {info.timm_name} on {params.data.dataset}")
     cls = evaluate_classifier(params, info, data, classifier, calibration, device, staging, report)
     flat = dict(cls["metrics"])
@@ -559,20 +566,4 @@ def run_evaluate(
         table(["result", "value"], summary),
     )
     report.write(staging)
-    replace_dir_atomic(staging, out)
-
-    write_csv_atomic(
-        plots_dir / PER_CLASS_CSV,
-        [{"class": n, "accuracy": a} for n, a in cls["per_class"]],
-        ["class", "accuracy"],
-    )
-    numeric = {
-        k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    write_metrics_file(metrics, {**numeric, "detection.status": flat.get("detection.status", "skipped")})
-    if run is not None:
-        run.log_summary(numeric)
-        run.log_artifacts(out, "report")
-        run.log_artifact(plots_dir / PER_CLASS_CSV, "plots")
-    log.info("report written to %s", out / "report.html")
-    return {"metrics": numeric, "report": out / "report.html"}
+    return flat, cls["per_class"]

@@ -15,7 +15,8 @@ shorter than ``K`` gets ``s = 0`` and its slots past the map edge read zeros (th
 their attention gradient is zero). Equivalently: zero-pad ``value`` at the bottom/right to ``K * dilation``.
 Every backend, natten included, gives these results (the dispatcher pads, runs, crops).
 
-Backends (``backend=`` keyword, else the ``OVERLOCK_CONTMIX_BACKEND`` environment variable, else ``auto``):
+Backends (``backend=`` keyword, else the one ``compute.configure`` set (``overlock.backends``), else the
+``OVERLOCK_CONTMIX_BACKEND`` environment variable (benchmarks, unconfigured library use), else ``auto``):
   ``auto``    natten when it is installed and the tensors are on CUDA, else ``fast``;
   ``fast``    PyTorch: attention scattered into dense per-tile matrices, one batched matmul, hand-written
               backward (transposed matmuls); tile size chosen from the shape (the whole map when the window
@@ -34,6 +35,8 @@ from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from overlock.backends import contmix_backend
 
 __all__ = ["na2d_av", "BACKENDS", "BACKEND_ENV_VAR"]
 
@@ -78,10 +81,15 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntPair, dilat
 # ----------------------------------------------------------------------------------------------- backends
 
 def _resolve_backend(backend: str | None, value: torch.Tensor, kernel: tuple[int, int]) -> str:
-    name = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR, "") or "auto"
+    configured = contmix_backend()
+    if backend is not None:
+        name, source = backend, "backend argument"
+    elif configured is not None:
+        name, source = configured, "compute.contmix_backend"
+    else:
+        name, source = os.environ.get(BACKEND_ENV_VAR, "") or "auto", f"${BACKEND_ENV_VAR}"
     name = name.strip().lower()
     if name not in BACKENDS:
-        source = "backend argument" if backend is not None else f"${BACKEND_ENV_VAR}"
         raise ValueError(f"unknown ContMix backend {name!r} (from {source}); "
                          f"valid backends: {', '.join(BACKENDS)}")
     if name == "natten":

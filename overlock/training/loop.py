@@ -1,28 +1,31 @@
 """The per-worker Ray Train loop: data shards, AMP steps with a non-finite-loss guard, EMA, validation,
 per-epoch checkpoints through ``ray.train.report`` and MLflow logging from rank 0.
 
-The loop resumes from ``ray.train.get_checkpoint()`` (a worker failure, or a re-run of a killed stage that
-finds the same Ray run). MLflow steps already in the run are never logged again, so a resumed run has no
-duplicated steps. A non-finite loss is not a worker failure: every rank stops, rank 0 records the error in
-``config["fatal_file"]`` and the driver raises it (Ray's retries would only repeat it).
+:class:`TrainingWorker` is the loop as named pieces: set up (compute, model, loaders, optimizer), resume,
+train an epoch, evaluate, checkpoint. It resumes from ``ray.train.get_checkpoint()`` (a worker failure, or a
+re-run of a killed stage that finds the same Ray run). MLflow steps already in the run are never logged
+again, so a resumed run has no duplicated steps. A non-finite loss is not a worker failure: every rank stops,
+rank 0 records the error in ``config["fatal_file"]`` and the driver raises it (Ray's retries would only
+repeat it). Code outside the library hooks in through ``pretrain.callbacks`` (:mod:`.callbacks`).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from overlock.compute import autocast, needs_grad_scaler, seed_everything, to_memory_format
+from overlock.compute import autocast, configure, needs_grad_scaler, seed_everything, to_memory_format
 from overlock.models.baselines import anneal_temperature
 from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
+from overlock.training.callbacks import TrainCallback, load_callbacks
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -89,17 +92,17 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
 
 # -- the step -------------------------------------------------------------------------------------------
 def loss_with_fallback(model, images, targets, criterion, aux_ratio: float, precision: str,
-                       device: torch.device, step: int, poison_step: int | None = None) -> torch.Tensor:
+                       device: torch.device, step: int, callbacks: TrainCallback | None = None) -> torch.Tensor:
     """Forward + loss under ``precision``; a non-finite AMP loss is retried once in fp32, then fails.
 
-    Every rank takes the same branch (the non-finite flag is all-reduced). ``poison_step`` (tests only)
-    makes the loss NaN at that global step in every precision.
+    Every rank takes the same branch (the non-finite flag is all-reduced). ``callbacks.transform_loss`` sees
+    every computed loss (e.g. a test's fault injection) before the check.
     """
     def forward(prec: str) -> torch.Tensor:
         with autocast(prec, device):
             output = model(images)
         loss = recipe.recipe_loss(criterion, output, targets, aux_ratio)
-        return loss * float("nan") if poison_step == step else loss
+        return callbacks.transform_loss(loss, step) if callbacks is not None else loss
 
     loss = forward(precision)
     bad = _any_rank(not torch.isfinite(loss).item())
@@ -145,171 +148,231 @@ class _Progress:
         return tqdm(total=total, desc=f"epoch {epoch}")
 
 
-def _test_hook(config: dict, rank: int, epoch: int, batch: int) -> None:
-    """Tests only: after the first step of epoch index 1, write this worker's pid and hold (once)."""
-    pid_dir = config.get("test_pid_dir")
-    if not pid_dir or epoch != 1 or batch != 0:
-        return
-    marker = Path(pid_dir) / f"rank{rank}_epoch{epoch}.pid"
-    if marker.exists():
-        return
-    marker.write_text(str(os.getpid()))
-    time.sleep(float(config.get("test_hold_s", 0)))
+@dataclass
+class _Loaders:
+    train: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler
+    val: torch.utils.data.DataLoader
+    classes: list
+    steps_per_epoch: int
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``)."""
-    import ray.train
-    import ray.train.torch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params: Params = parse_params(config["params"], "train_loop_config")
+def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int, world: int) -> _Loaders:
+    """This rank's shard of train (distributed sampler, drop last) and val, with the recipe's transforms."""
     p = params.pretrain
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(p.cpus_per_worker)) if not params.compute.threads else params.compute.threads)
-    device = ray.train.torch.get_device()
-    precision = params.compute.precision
-    torch.manual_seed(params.seed + rank)
-
-    model = recipe.build_model(params, config["num_classes"]).to(device)
-    memory_format = torch.channels_last if params.compute.channels_last else torch.contiguous_format
-    model = to_memory_format(model, memory_format)
-    cfg = recipe.data_config(model, p.input_size)
-    train_tf, val_tf = recipe.build_transforms(p, cfg)
-    train_ds, val_ds, classes = load_datasets(Path(config["data"]), train_tf, val_tf)
+    train_tf, val_tf = recipe.build_transforms(p, recipe.data_config(model, p.input_size))
+    train_ds, val_ds, classes = load_datasets(data, train_tf, val_tf)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=params.seed, drop_last=True)
     batch = min(p.batch_size, max(1, len(train_ds) // world))
     train_loader = _loader(train_ds, batch, sampler, p.num_data_workers, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_loader = _loader(val_shard, p.batch_size, None, p.num_data_workers, drop_last=False)
-    steps_per_epoch = len(train_loader) if p.max_steps_per_epoch is None else min(len(train_loader),
-                                                                                  p.max_steps_per_epoch)
-    lr = recipe.learning_rate(p, world)
-    optimizer = recipe.build_optimizer(p, model, lr)
-    scheduler = recipe.build_scheduler(p, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision, device) else None
-    mixup = recipe.build_mixup(p, config["num_classes"])
-    criterion = recipe.build_loss(p, mixup)
+    steps = len(train_loader) if p.max_steps_per_epoch is None else min(len(train_loader), p.max_steps_per_epoch)
+    return _Loaders(train_loader, sampler, val_loader, classes, steps)
 
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # broadcasts rank 0's weights
-    if params.compute.compile:  # opt-in; the first steps pay the compile time (benchmarks/RESULTS.md)
-        ddp_model = torch.compile(ddp_model)
-    ema = recipe.build_ema(p, model)
-    start_epoch, step, history, best = 0, 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+@dataclass
+class TrainingState:
+    """What a checkpoint carries between epochs (and across a resume)."""
+    epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+
+
+class TrainingWorker:
+    """One Ray Train worker: :meth:`run` = resume, then per epoch :meth:`train_epoch`, :meth:`evaluate`,
+    :meth:`checkpoint`."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        self.config = config
+        self.params: Params = parse_params(config["params"], "train_loop_config")
+        params, p = self.params, self.params.pretrain
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # the pipeline's compute params, applied in this process (threads: the worker's CPU share by default)
+        configure(params.compute, params.seed + self.rank, default_threads=max(1, int(p.cpus_per_worker)))
+        self.device = ray.train.torch.get_device()
+        self.precision = params.compute.precision
+        self.callbacks = load_callbacks(c.model_dump() for c in p.callbacks)
+
+        model = recipe.build_model(params, config["num_classes"]).to(self.device)
+        self.memory_format = torch.channels_last if params.compute.channels_last else torch.contiguous_format
+        self.model = to_memory_format(model, self.memory_format)
+        self.loaders = build_loaders(params, self.model, Path(config["data"]), self.rank, self.world)
+        self.optimizer = recipe.build_optimizer(p, self.model, recipe.learning_rate(p, self.world))
+        self.scheduler = recipe.build_scheduler(p, self.optimizer, self.loaders.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.precision, self.device) else None
+        self.mixup = recipe.build_mixup(p, config["num_classes"])
+        self.criterion = recipe.build_loss(p, self.mixup)
+        # DDP broadcasts rank 0's weights; torch.compile is opt-in (the first steps pay the compile time)
+        self.ddp_model = ray.train.torch.prepare_model(self.model) if self.world > 1 else self.model
+        if params.compute.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+        self.ema = recipe.build_ema(p, self.model)
+        self.state = TrainingState()
+        self.progress = _Progress(config, self.rank)
+        self.meta = {"arch": params.model.arch, "size": params.model.size,
+                     "model_kwargs": dict(params.model.overrides), "num_classes": config["num_classes"],
+                     "classes": self.loaders.classes}
+
+    # -- resume ------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the latest committed checkpoint (a retried worker or a re-run of a killed stage), if any."""
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
         with checkpoint.as_directory() as d:
             state = ckpt.load_training_state(Path(d))
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state.get("best")
-        if rank == 0:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainingState(state["epoch"], state["step"], state["history"], state.get("best"))
+        if self.rank == 0:
             ckpt.restore_rng_states(state["rng"])
-            log.info("resumed from the checkpoint of epoch %d (global step %d)", start_epoch, step)
-        if config.get("test_pid_dir"):  # tests only: record where each rank resumed
-            with (Path(config["test_pid_dir"]) / f"resumed_rank{rank}.txt").open("a") as fh:
-                fh.write(f"{start_epoch}\n")
-    progress = _Progress(config, rank)
-    meta = {"arch": params.model.arch, "size": params.model.size, "model_kwargs": dict(params.model.overrides),
-            "num_classes": config["num_classes"], "classes": classes}
-    epoch_times = [h["epoch_time_s"] for h in history]
+            log.info("resumed from the checkpoint of epoch %d (global step %d)", self.state.epoch, self.state.step)
+        self.callbacks.on_resume(self.rank, self.state.epoch, self.state.step)
 
-    for epoch in range(start_epoch, p.epochs):
-        sampler.set_epoch(epoch)
-        seed_everything(params.seed * 1000 + epoch * 16 + rank)  # augmentation draws: same on a resume
-        ddp_model.train()
+    # -- train an epoch ----------------------------------------------------------------------------
+    def train_step(self, images, targets, epoch: int, batch: int) -> float:
+        """One optimizer step (temperature schedule, mixup, AMP loss with fallback, clipping, EMA)."""
+        p, steps = self.params.pretrain, self.loaders.steps_per_epoch
+        # ODConv/KernelWarehouse temperature schedule (a no-op for models without dynamic kernels)
+        anneal_temperature(self.model, epoch + batch / steps, p.epochs)
+        if self.ema is not None:
+            anneal_temperature(self.ema.module, epoch + batch / steps, p.epochs)
+        images, targets = images.to(self.device, memory_format=self.memory_format), targets.to(self.device)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = loss_with_fallback(self.ddp_model, images, targets, self.criterion, p.aux_loss_ratio,
+                                  self.precision, self.device, self.state.step + 1, self.callbacks)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if p.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.state.step += 1
+        self.scheduler.step_update(self.state.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+        return loss.item()
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train epoch index ``epoch``; returns loss sum, steps and images of this rank plus the time taken."""
+        p = self.params.pretrain
+        self.loaders.sampler.set_epoch(epoch)
+        seed_everything(self.params.seed * 1000 + epoch * 16 + self.rank)  # augmentation draws: same on a resume
+        self.ddp_model.train()
         t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        bar = progress.bar(steps_per_epoch, epoch + 1)
+        bar = self.progress.bar(self.loaders.steps_per_epoch, epoch + 1)
         try:
-            for i, (images, targets) in enumerate(train_loader):
-                if i >= steps_per_epoch:
+            for i, (images, targets) in enumerate(self.loaders.train):
+                if i >= self.loaders.steps_per_epoch:
                     break
-                # ODConv/KernelWarehouse temperature schedule (a no-op for models without dynamic kernels)
-                anneal_temperature(model, epoch + i / steps_per_epoch, p.epochs)
-                if ema is not None:
-                    anneal_temperature(ema.module, epoch + i / steps_per_epoch, p.epochs)
-                images, targets = images.to(device, memory_format=memory_format), targets.to(device)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                loss = loss_with_fallback(ddp_model, images, targets, criterion, p.aux_loss_ratio, precision,
-                                          device, step + 1, config.get("test_poison_step"))
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if p.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                step += 1
-                scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                value, cur_lr = loss.item(), optimizer.param_groups[0]["lr"]
-                loss_sum += value
-                steps += 1
-                seen += images.shape[0]
-                if step % p.log_every_steps == 0:
-                    progress.step(step, value, cur_lr)
+                value = self.train_step(images, targets, epoch, i)
+                loss_sum, steps, seen = loss_sum + value, steps + 1, seen + images.shape[0]
+                if self.state.step % p.log_every_steps == 0:
+                    self.progress.step(self.state.step, value, self.optimizer.param_groups[0]["lr"])
                 if bar is not None:
                     bar.update(1)
-                _test_hook(config, rank, epoch, i)
-        except NonFiniteLossError as err:
-            if rank == 0:
-                Path(config["fatal_file"]).write_text(str(err))
-            log.error("%s", err)
-            ray.train.report({"fatal_error": str(err), "epoch": epoch})
-            return
+                self.callbacks.on_step_end(self.rank, epoch, i, self.state.step)
         finally:
             if bar is not None:
                 bar.close()
-        train_time = time.perf_counter() - t0
-        loss_total, steps_total, seen_total = _sum_ranks([loss_sum, steps, seen])
-        top1, top5 = evaluate(model, val_loader, device, precision)
-        top1_ema, top5_ema = evaluate(ema.module, val_loader, device, precision) if ema is not None \
-            else (float("nan"), float("nan"))
-        epoch_time = time.perf_counter() - t0
-        epoch_times.append(epoch_time)
-        row = {"epoch": epoch + 1, "train_loss": loss_total / max(steps_total, 1), "val_top1": top1,
-               "val_top5": top5, "val_top1_ema": top1_ema, "val_top5_ema": top5_ema,
-               "lr": optimizer.param_groups[0]["lr"], "img_per_sec": seen_total / max(train_time, 1e-9),
-               "epoch_time_s": epoch_time, "step": step}
-        history.append(row)
-        score = max(top1, top1_ema if math.isfinite(top1_ema) else -1.0)
-        if rank == 0:
-            progress.epoch(row)
-            eta = (sum(epoch_times) / len(epoch_times)) * (p.epochs - epoch - 1)
-            log.info("epoch %d/%d  loss %.4f  lr %.3g  val top-1 %.2f%% (EMA %.2f%%) top-5 %.2f%%  %.1f img/s  "
-                     "%.1fs  ETA %.0fs", epoch + 1, p.epochs, row["train_loss"], row["lr"], top1, top1_ema, top5,
-                     row["img_per_sec"], epoch_time, eta)
+        return {"loss_sum": loss_sum, "steps": steps, "seen": seen, "t0": t0,
+                "train_time": time.perf_counter() - t0}
+
+    # -- evaluate ----------------------------------------------------------------------------------
+    def evaluate(self, epoch: int, trained: dict) -> dict:
+        """Validation (raw and EMA) over every rank's shard; the epoch's history row."""
+        loss_total, steps_total, seen_total = _sum_ranks([trained["loss_sum"], trained["steps"], trained["seen"]])
+        top1, top5 = evaluate(self.model, self.loaders.val, self.device, self.precision)
+        top1_ema, top5_ema = evaluate(self.ema.module, self.loaders.val, self.device, self.precision) \
+            if self.ema is not None else (float("nan"), float("nan"))
+        return {"epoch": epoch + 1, "train_loss": loss_total / max(steps_total, 1), "val_top1": top1,
+                "val_top5": top5, "val_top1_ema": top1_ema, "val_top5_ema": top5_ema,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "img_per_sec": seen_total / max(trained["train_time"], 1e-9),
+                "epoch_time_s": time.perf_counter() - trained["t0"], "step": self.state.step}
+
+    def _log_epoch(self, row: dict) -> None:
+        p, history = self.params.pretrain, self.state.history
+        if self.rank != 0:
+            return
+        self.progress.epoch(row)
+        eta = (sum(h["epoch_time_s"] for h in history) / len(history)) * (p.epochs - row["epoch"])
+        log.info("epoch %d/%d  loss %.4f  lr %.3g  val top-1 %.2f%% (EMA %.2f%%) top-5 %.2f%%  %.1f img/s  "
+                 "%.1fs  ETA %.0fs", row["epoch"], p.epochs, row["train_loss"], row["lr"], row["val_top1"],
+                 row["val_top1_ema"], row["val_top5"], row["img_per_sec"], row["epoch_time_s"], eta)
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def _update_best(self, row: dict) -> None:
+        top1_ema = row["val_top1_ema"]
+        score = max(row["val_top1"], top1_ema if math.isfinite(top1_ema) else -1.0)
+        best = self.state.best
         if best is None or score >= best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "metrics": row,
-                    "model": ckpt.snapshot_weights(model) if rank == 0 else None,
-                    "ema": ckpt.snapshot_weights(ema.module) if (ema is not None and rank == 0) else None}
+            keep = self.rank == 0
+            self.state.best = {"score": score, "epoch": row["epoch"], "metrics": row,
+                               "model": ckpt.snapshot_weights(self.model) if keep else None,
+                               "ema": ckpt.snapshot_weights(self.ema.module) if (keep and self.ema is not None) else None}
+
+    def checkpoint(self, row: dict) -> None:
+        """Report the epoch to Ray Train (rank 0 with the full training state) and wait until it is committed:
+        a failure from then on resumes after this epoch."""
+        import ray.train
+        self._update_best(row)
         report = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            state = {"model": ckpt.snapshot_weights(model),
-                     "ema": ckpt.snapshot_weights(ema.module) if ema is not None else None,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "epoch": epoch + 1, "step": step, "history": history, "best": best, "meta": meta,
-                     "rng": ckpt.rng_states(), "world_size": world}
+        if self.rank == 0:
+            state = {"model": ckpt.snapshot_weights(self.model),
+                     "ema": ckpt.snapshot_weights(self.ema.module) if self.ema is not None else None,
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "epoch": row["epoch"], "step": self.state.step, "history": self.state.history,
+                     "best": self.state.best, "meta": self.meta, "rng": ckpt.rng_states(), "world_size": self.world}
             with ckpt.temp_checkpoint_dir() as tmp:
                 ckpt.save_training_state(Path(tmp), state)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)
-        # wait until the controller has committed this epoch's checkpoint: a failure from here on resumes it
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+        self.resume()
+        for epoch in range(self.state.epoch, self.params.pretrain.epochs):
+            try:
+                trained = self.train_epoch(epoch)
+            except NonFiniteLossError as err:  # terminal: every rank stops, the driver raises it
+                if self.rank == 0:
+                    Path(self.config["fatal_file"]).write_text(str(err))
+                log.error("%s", err)
+                ray.train.report({"fatal_error": str(err), "epoch": epoch})
+                return
+            row = self.evaluate(epoch, trained)
+            self.state.history.append(row)
+            self._log_epoch(row)
+            self.checkpoint(row)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    TrainingWorker(config).run()

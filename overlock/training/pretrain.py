@@ -1,46 +1,41 @@
 """The ``pretrain`` stage: Ray Train (``TorchTrainer``) classification pretraining of ``model.arch``.
 
 Runs the same from DVC (a local Ray runtime, or ``pretrain.ray_address`` / ``$RAY_ADDRESS``) and as a Ray
-job (``ray job submit --working-dir . -- python pipelines/pretrain.py ...``). Ray's storage lives under the
-stage state directory's hash (``<storage>/pretrain-<hash>``), outside DVC outs: a re-run after a kill finds
-the same Ray run and resumes from its latest checkpoint; Ray retries worker failures from the last
-checkpoint (``pretrain.max_failures``). The outputs are written at the end from the latest checkpoint,
-through a staging directory. On a multi-node cluster ``pretrain.storage_path`` and the MLflow store
+job (``ray job submit --working-dir . -- python pipelines/pretrain.py ...``), in the stage kernel's context
+(``overlock.pipeline``). Ray's storage lives under the stage state directory's hash
+(``<storage>/pretrain-<hash>``), outside DVC outs: a re-run after a kill finds the same Ray run and resumes
+from its latest checkpoint; Ray retries worker failures from the last checkpoint (``pretrain.max_failures``).
+The outputs are written at the end from the latest checkpoint, through the context's staging directory. On a multi-node cluster ``pretrain.storage_path`` and the MLflow store
 (``tracking.uri``: an absolute path on shared storage, or an ``mlflow server``) must be reachable from
 every node.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from overlock.compute import repo_root
 from overlock.params import Params
-from overlock.state import replace_dir_atomic, stage_state_dir
-from overlock.tracking import StageRun, write_metrics_file
+from overlock.tracking import write_metrics_file
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
+from overlock.training.callbacks import load_callbacks
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
+
+if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
+    from overlock.pipeline.context import StageContext
 
 log = logging.getLogger("overlock.pretrain")
 
 STAGE = "pretrain"
 PLOT_COLUMNS = ("epoch", "train_loss", "val_top1", "val_top1_ema", "val_top5", "lr")
-# pretrain params that change how the run is executed, not what it computes (excluded from the state hash)
-OPERATIONAL = ("storage_path", "ray_address", "max_failures", "checkpoints_to_keep", "log_every_steps",
-               "num_data_workers")
-# test-only hooks read from the environment of the stage process and passed to the workers
-TEST_ENV = {"OVERLOCK_TEST_PID_DIR": "test_pid_dir", "OVERLOCK_TEST_HOLD_S": "test_hold_s",
-            "OVERLOCK_TEST_POISON_STEP": "test_poison_step"}
 
 
 def data_fingerprint(data: Path) -> str:
@@ -59,26 +54,9 @@ def data_fingerprint(data: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _state_key(params: Params, data: Path) -> str:
-    eff = recipe.effective_params(params)
-    dump = eff.model_dump(mode="json")
-    pre = {k: v for k, v in dump["pretrain"].items() if k not in OPERATIONAL}
-    compute = {k: v for k, v in dump["compute"].items() if k != "threads"}
-    blob = json.dumps({"pretrain": pre, "compute": compute, "dataset": dump["data"]["dataset"],
-                       "calibration_per_class": dump["data"]["calibration_per_class"],
-                       "data": data_fingerprint(data)},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def state_dir(params: Params, data: Path) -> Path:
-    """``.overlock/state/pretrain/<hash>``: the hash covers model, recipe, compute and the data."""
-    return stage_state_dir(STAGE, params, ("model",), extra=_state_key(params, data))
-
-
-def resume_key(params: Params, data: Path, out: Path, metrics: Path, plots: Path) -> str:
-    """The MLflow resume key: the state hash, so a re-run after a kill continues the same child run."""
-    return state_dir(params, data).name
+def input_fingerprint(params: Params, data: Path, **_: Path) -> str:
+    """The resume-key input of the stage (:attr:`StageSpec.resume_inputs`): the classification data."""
+    return data_fingerprint(Path(data).resolve())
 
 
 def storage_root(params: Params) -> Path:
@@ -120,16 +98,6 @@ def _trainer(params: Params, config: dict, storage: Path, name: str):
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=p.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=p.max_failures)))
-
-
-def _write_plots(history: list[dict], plots: Path) -> None:
-    plots.mkdir(parents=True, exist_ok=True)
-    tmp = plots / ".epochs.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=PLOT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, plots / "epochs.csv")
 
 
 def _curves_png(history: list[dict], path: Path) -> None:
@@ -185,14 +153,16 @@ def _model_requirements() -> list[str]:
     return reqs
 
 
-def run_pretrain(params: Params, run: StageRun, data: Path, out: Path, metrics: Path, plots: Path) -> dict:
+def run_pretrain(ctx: "StageContext") -> dict:
     """Train the classifier with Ray Train and write ``out`` (final/best/model.json/history.json), metrics, plots."""
     import ray
+    params, run = ctx.params, ctx.run
     eff = recipe.effective_params(params)
     _check_compute(eff)
-    data, out, metrics, plots = (Path(x).resolve() for x in (data, out, metrics, plots))
+    data = ctx["data"].resolve()
     _, _, classes = load_datasets(data)  # fails here (not in the workers) when the data is missing
-    key_dir = state_dir(params, data)
+    load_callbacks(c.model_dump() for c in params.pretrain.callbacks)  # an unimportable hook fails here, not in Ray
+    key_dir = ctx.state_dir
     storage, name = storage_root(params), f"{STAGE}-{key_dir.name}"
     fatal_file = key_dir / "fatal_error.txt"
     fatal_file.unlink(missing_ok=True)
@@ -204,9 +174,6 @@ def run_pretrain(params: Params, run: StageRun, data: Path, out: Path, metrics: 
     config = {"params": eff.model_dump(mode="json"), "data": str(data), "num_classes": len(classes),
               "mlflow_uri": run.uri, "mlflow_run_id": run.run_id, "fatal_file": str(fatal_file),
               "tty": sys.stderr.isatty()}
-    config.update({v: os.environ[k] for k, v in TEST_ENV.items() if os.environ.get(k)})
-    if "test_poison_step" in config:
-        config["test_poison_step"] = int(config["test_poison_step"])
     _init_ray(params)
     log.info("Ray Train run %s (storage %s): %d workers, recipe %s, precision %s", name, storage, p.workers,
              p.recipe, eff.compute.precision)
@@ -222,27 +189,21 @@ def run_pretrain(params: Params, run: StageRun, data: Path, out: Path, metrics: 
                            "directory and re-run the stage")
     with result.checkpoint.as_directory() as d:
         state = ckpt.load_training_state(Path(d))
-    return _write_outputs(eff, run, state, out, metrics, plots)
+    return _write_outputs(ctx, eff, state)
 
 
-def _write_outputs(params: Params, run: StageRun, state: dict, out: Path, metrics: Path, plots: Path) -> dict:
+def _write_outputs(ctx: "StageContext", params: Params, state: dict) -> dict:
+    run = ctx.run
     model = recipe.build_model(params, state["meta"]["num_classes"])
     model.load_state_dict(state["model"])
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    with ctx.publish() as staging:
         ckpt.write_classifier_outputs(state, _model_info(params, state, model), staging)
-        run.log_artifact(staging / "best.pth", "checkpoints")
-        run.log_artifact(staging / "final.pth", "checkpoints")
-        run.log_artifact(staging / "model.json", "checkpoints")
-        replace_dir_atomic(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for name in ("best.pth", "final.pth", "model.json"):
+            run.log_artifact(staging / name, "checkpoints")
     summary = summary_metrics(state)
-    write_metrics_file(metrics, summary)
-    _write_plots(state["history"], plots)
+    write_metrics_file(ctx["metrics"], summary)
+    ctx.write_plot(state["history"], PLOT_COLUMNS)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "pretrain_curves.png"
         _curves_png(state["history"], png)
@@ -255,5 +216,5 @@ def _write_outputs(params: Params, run: StageRun, state: dict, out: Path, metric
                           input_example=np.zeros((1, 3, size, size), dtype=np.float32),
                           pip_requirements=_model_requirements())
     log.info("pretrain done: best top-1 %.2f%% (EMA %.2f%%), final top-1 %.2f%% -> %s", summary["best_val_top1"],
-             summary["best_val_top1_ema"], summary["final_val_top1"], out)
+             summary["best_val_top1_ema"], summary["final_val_top1"], ctx["out"])
     return summary
