@@ -23,6 +23,7 @@ from overlock.models.baselines import anneal_temperature
 from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
+from overlock.training.loader import loader_settings, worker_cpus
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -48,9 +49,8 @@ def load_datasets(data_dir: Path, train_tf=None, val_tf=None):
     return train, val, load_classes(root)
 
 
-def _loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       drop_last=drop_last, persistent_workers=workers > 0)
+def _loader(dataset, batch_size: int, sampler, settings: dict, drop_last: bool):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **settings)
 
 
 # -- distributed helpers ----------------------------------------------------------------------------
@@ -167,8 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     p = params.pretrain
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(p.cpus_per_worker)) if not params.compute.threads else params.compute.threads)
     device = ray.train.torch.get_device()
+    cpus = worker_cpus(p)
+    torch.set_num_threads(max(1, int(cpus)) if not params.compute.threads else params.compute.threads)
     precision = params.compute.precision
     torch.manual_seed(params.seed + rank)
 
@@ -181,9 +182,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=params.seed, drop_last=True)
     batch = min(p.batch_size, max(1, len(train_ds) // world))
-    train_loader = _loader(train_ds, batch, sampler, p.num_data_workers, drop_last=True)
+    settings = loader_settings(cpus, device, p.num_data_workers)
+    train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
-    val_loader = _loader(val_shard, p.batch_size, None, p.num_data_workers, drop_last=False)
+    val_loader = _loader(val_shard, p.batch_size, None, settings, drop_last=False)
     steps_per_epoch = len(train_loader) if p.max_steps_per_epoch is None else min(len(train_loader),
                                                                                   p.max_steps_per_epoch)
     lr = recipe.learning_rate(p, world)

@@ -29,6 +29,7 @@ from overlock.state import replace_dir_atomic, stage_state_dir
 from overlock.tracking import StageRun, write_metrics_file
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
+from overlock.training.loader import default_cpus_per_worker
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
 
 log = logging.getLogger("overlock.pretrain")
@@ -37,7 +38,7 @@ STAGE = "pretrain"
 PLOT_COLUMNS = ("epoch", "train_loss", "val_top1", "val_top1_ema", "val_top5", "lr")
 # pretrain params that change how the run is executed, not what it computes (excluded from the state hash)
 OPERATIONAL = ("storage_path", "ray_address", "max_failures", "checkpoints_to_keep", "log_every_steps",
-               "num_data_workers")
+               "num_data_workers", "cpus_per_worker")
 # test-only hooks read from the environment of the stage process and passed to the workers
 TEST_ENV = {"OVERLOCK_TEST_PID_DIR": "test_pid_dir", "OVERLOCK_TEST_HOLD_S": "test_hold_s",
             "OVERLOCK_TEST_POISON_STEP": "test_poison_step"}
@@ -112,7 +113,9 @@ def _trainer(params: Params, config: dict, storage: Path, name: str):
     from ray.train.torch import TorchConfig, TorchTrainer
     p = params.pretrain
     use_gpu = p.gpus_per_worker > 0
-    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
+    import ray
+    cpus = p.cpus_per_worker or default_cpus_per_worker(p.gpus_per_worker, ray.cluster_resources())
+    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
