@@ -48,6 +48,9 @@ class DataParams(_Section):
     # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths)
     sources: dict[str, str] = Field(default_factory=dict)
     download_retries: int = Field(5, ge=0, le=50)
+    # archive names accepted WITHOUT their published checksum (rehearsals with generated archives, e.g.
+    # benchmarks/scale_rehearsal.py; never for real data): each local source is hashed and logged as unverified
+    unverified_archives: list[str] = Field(default_factory=list)
     # held-out calibration split: images per class taken deterministically from train, never trained on
     calibration_per_class: int = Field(5, ge=1)
     # image check of the extract stage: full = decode every image (parallel over all cores), header = PIL verify

@@ -67,7 +67,8 @@ def test_official_transform_mixup_over_real_size_images_and_the_posterize_fix(re
     seen = 0
     while seen < SAMPLES:
         for images, targets in loader:
-            images, soft = mixup(images, targets)
+            assert images.dtype == torch.uint8  # loader processes send uint8; normalised where the batch is
+            images, soft = mixup(train_tf.on_device(images), targets)
             assert images.shape == (32, 3, 224, 224) and torch.isfinite(images).all()
             assert torch.allclose(soft.sum(1), torch.ones(32))
             seen += len(images)
@@ -94,7 +95,7 @@ def test_fast_decode_matches_timm_pil_path(real_size_classification, tmp_path):
             a = plain(im.convert("RGB"))
         after_plain = (random.random(), float(np.random.rand()), float(torch.rand(1)))
         _seed(k)
-        b = fast(path)
+        b = fast.on_device(fast(path)[None])[0]  # uint8 HWC from the loader -> normalised CHW
         assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == after_plain  # same draws
         diffs.append(float((a - b).abs().mean()) * 0.226 * 255)  # in 0-255 pixel units
     # decode is bit-exact; the antialiased tensor resize differs from PIL's by rounding (<= a few levels)
@@ -109,7 +110,7 @@ def test_fast_decode_matches_timm_pil_path(real_size_classification, tmp_path):
     box = (100, 150, 800, 900)  # i, j, h, w: >= 2 x 224 (< 4 x 224) on both sides -> decoded at 1/2
     for interp, pil in ((InterpolationMode.BILINEAR, Image.BILINEAR), (InterpolationMode.BICUBIC, Image.BICUBIC)):
         with Image.open(tmp_path / "big.JPEG") as im:
-            got = fast.crop_resize(im, str(tmp_path / "big.JPEG"), box, interp).numpy().astype(float)
+            got = fast.crop_resize(im, str(tmp_path / "big.JPEG"), box, interp).numpy().astype(float)  # HWC
             assert im.size == (800, 600)  # the decoder really ran at a reduced scale
         with Image.open(tmp_path / "big.JPEG") as im:
             want = np.asarray(im.convert("RGB").crop((150, 100, 1050, 900)).resize((224, 224), pil), dtype=float)

@@ -254,6 +254,10 @@ def archive_specs(params, state: Path) -> list[ArchiveSpec]:
 def _check_sources(params, specs: list[ArchiveSpec]) -> None:
     known = {e["file"] for k, d in published_archives().items() if not k.startswith("_") for e in d.values()}
     known |= {f for d in DEMO_ARCHIVES.values() for f in d.values()}
+    stray = sorted(set(params.data.unverified_archives) - {s.file for s in specs})
+    if stray:
+        raise DownloadError(f"data.unverified_archives names {stray}, which the selected datasets do not use; "
+                            f"valid: {', '.join(s.file for s in specs)}")
     unknown = sorted(set(params.data.sources) - known)
     if unknown:
         raise DownloadError(f"data.sources names unknown archive(s) {unknown}; the keys are archive file names, "
@@ -265,6 +269,25 @@ def _check_sources(params, specs: list[ArchiveSpec]) -> None:
             if any(s.dataset in LOGIN_REQUIRED for s in missing) else ""
         raise DownloadError(f"no source for {', '.join(s.file for s in missing)}{login}. Add to params.yaml:\n"
                             f"data:\n  sources:\n{lines}")
+
+
+def unverified_checksum(params, file: str, source: str) -> tuple[str, str] | None:
+    """("sha256", digest of the local ``source``) when ``file`` is in ``data.unverified_archives``, else None.
+
+    The archive is then accepted without its published checksum: a rehearsal with generated archives
+    (``benchmarks/scale_rehearsal.py``). Only a local file can be accepted so; it is logged as a warning.
+    """
+    if file not in params.data.unverified_archives:
+        return None
+    local = _local_path(source)
+    if local is None or not local.is_file():
+        raise DownloadError(f"data.unverified_archives lists {file}, but its source {source!r} is not a local file; "
+                            f"only local archives can be accepted without the published checksum")
+    digest = file_digest(local, "sha256")
+    log.warning("UNVERIFIED ARCHIVE: %s (%s) is accepted WITHOUT its published checksum because "
+                "data.unverified_archives lists it (sha256 %s). Remove it from data.unverified_archives for real "
+                "data.", file, local, digest)
+    return "sha256", digest
 
 
 def run_download(params, run, out: Path) -> dict:
@@ -283,12 +306,14 @@ def run_download(params, run, out: Path) -> dict:
     actions, manifest = {}, {}
     for spec in tqdm(specs, desc="archives", unit="archive", disable=None):
         source = params.data.sources.get(spec.file) or spec.url
-        algo, digest = spec.checksum
+        algo, digest = unverified_checksum(params, spec.file, source) or spec.checksum
         actions[spec.file] = fetch_archive(source, out / spec.file, algo, digest, params.data.download_retries,
                                            cache_dir=state / "archives", verified=verified)
         log.info("%s: %s", spec.file, actions[spec.file])
         manifest[spec.file] = {"dataset": spec.dataset, "role": spec.role, "algo": algo, "digest": digest,
                                "size": (out / spec.file).stat().st_size, "source": source}
+        if spec.file in params.data.unverified_archives:
+            manifest[spec.file]["unverified"] = True
     for stale in out.iterdir():  # archives of another configuration (links; the state copies are kept)
         if stale.name not in manifest and stale.name != MANIFEST and (stale.is_file() or stale.is_symlink()):
             stale.unlink()
@@ -298,6 +323,8 @@ def run_download(params, run, out: Path) -> dict:
     run.log_summary({"archives": len(manifest), "archive_bytes": total,
                      **{f"archives_{k}": v for k, v in counts.items()}})
     run.log_dict(manifest, "download/manifest.json")
+    if params.data.unverified_archives:
+        run.set_tags({"download.unverified_archives": ",".join(params.data.unverified_archives)})
     print(f"download: {len(manifest)} archives verified ({total / 1e6:.1f} MB): "
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=sys.stderr)
     return {"archives": actions, "bytes": total}

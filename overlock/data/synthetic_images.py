@@ -121,3 +121,66 @@ def write_classification_layout(data_dir: str | Path, num_classes: int, train_pe
     (root / "classes.json").write_text(json.dumps(classes))
     (root / "splits.json").write_text(json.dumps({"calibration": calibration, "excluded": []}))
     return root
+
+
+def _class_tar(job: tuple[int, int, int, int]) -> bytes:
+    """The per-class tar of class ``c`` (wnid ``n9xxxxxxx``): ``count`` images starting at global index ``first``."""
+    import tarfile
+    seed, c, first, count = job
+    wnid = f"n{90000000 + c:08d}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for k in range(count):
+            data, _ = synthetic_image_bytes(seed, first + k)
+            info = tarfile.TarInfo(f"{wnid}_{k}.JPEG")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _val_image(job: tuple[int, int]) -> bytes:
+    return synthetic_image_bytes(*job)[0]
+
+
+def write_ilsvrc2012_archives(out_dir: str | Path, num_classes: int, train_per_class: int, val_images: int,
+                              seed: int = 0, workers: int = 1) -> dict[str, Path]:
+    """ILSVRC2012-format archives of real-size synthetic images, written as a stream (any size fits in memory):
+    ``ILSVRC2012_img_train.tar`` (one uncompressed ``<wnid>.tar`` per class), ``ILSVRC2012_img_val.tar`` (flat,
+    ``ILSVRC2012_val_<n>.JPEG``) and ``ILSVRC2012_devkit_t12.tar.gz`` (validation ground truth + ``meta.mat``).
+    Images are generated over ``workers`` processes. Returns {role: path}.
+    """
+    import tarfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from overlock.data.demo import _meta_mat, _write_tar
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = [{"id": f"n{90000000 + c:08d}", "name": f"synthetic {c}"} for c in range(num_classes)]
+    files = {"train": out_dir / "ILSVRC2012_img_train.tar", "val": out_dir / "ILSVRC2012_img_val.tar",
+             "devkit": out_dir / "ILSVRC2012_devkit_t12.tar.gz"}
+    first_val = num_classes * train_per_class
+    labels = np.random.default_rng([seed % (2**32), 7]).integers(0, num_classes, val_images)
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    mapper = pool.map if pool else map
+    try:
+        with tarfile.open(files["train"], "w", format=tarfile.USTAR_FORMAT) as tar:
+            jobs = [(seed, c, c * train_per_class, train_per_class) for c in range(num_classes)]
+            for c, data in enumerate(mapper(_class_tar, jobs)):
+                add(tar, f"{classes[c]['id']}.tar", data)
+        with tarfile.open(files["val"], "w", format=tarfile.USTAR_FORMAT) as tar:
+            jobs = [(seed, first_val + i) for i in range(val_images)]
+            for i, data in enumerate(mapper(_val_image, jobs, **({"chunksize": 16} if pool else {}))):
+                add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
+    finally:
+        if pool:
+            pool.shutdown()
+    truth = "".join(f"{int(v) + 1}\n" for v in labels).encode()
+    _write_tar(files["devkit"], [("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth),
+                                 ("ILSVRC2012_devkit_t12/data/meta.mat", _meta_mat(classes))], gz=True)
+    return files

@@ -71,7 +71,10 @@ class DecodeCropTransform:
 
     ``plain`` must start with timm's ``RandomResizedCropAndInterpolation`` (optionally followed by
     ``RandomHorizontalFlip``), then PIL ops (RandAugment / colour jitter), ``ToTensor``, ``Normalize`` and an
-    optional ``RandomErasing``. Call with a path; returns the normalised float tensor (C, H, W).
+    optional ``RandomErasing``. Called with a path, it returns the augmented uint8 image (H, W, C): loader
+    processes send a quarter of the bytes of a float image, and no pass reorders the channels. :meth:`on_device`
+    then makes the float (N, C, H, W) batch, normalises it and applies the random erasing where the batch is (the
+    GPU in a real run), as timm's prefetcher does.
     """
 
     reads_files = True  # ClassificationDataset passes the path instead of a decoded image
@@ -97,6 +100,17 @@ class DecodeCropTransform:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop={self.crop}, flip={self.flip}, pil_ops={self.pil_ops}, "
                 f"tensor_ops={self.tensor_ops})")
+
+    def on_device(self, images: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+        """The normalised float32 (N, C, H, W) batch of a uint8 (N, H, W, C) batch where it is, then the
+        per-image random erasing."""
+        x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=memory_format)
+        x.sub_(self.mean.to(x.device)).mul_(self.inv_std.to(x.device))
+        for op in self.tensor_ops:
+            if hasattr(op, "device"):  # timm RandomErasing draws its noise on op.device
+                op.device = x.device
+            x = op(x)
+        return x
 
     def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], Any, bool]:
         """timm's draws for ``img`` (an opened, not yet decoded image): crop (i, j, h, w), interpolation, flip."""
@@ -128,13 +142,13 @@ class DecodeCropTransform:
                 chw = decode_jpeg(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
         else:  # grayscale, CMYK, PNG...: PIL's conversion to RGB, as the plain path does
             chw = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-        region = chw[None, :, i:i + h, j:j + w]
+        region = chw[None, :, i:i + h, j:j + w].contiguous(memory_format=torch.channels_last)  # HWC rows: cheap
         mode = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBIC: "bicubic"}.get(interp)
         if mode is None:
             raise ValueError(f"DecodeCropTransform supports bilinear and bicubic crops, not {interp}")
         out = torch.nn.functional.interpolate(region, size=(out_h, out_w), mode=mode, antialias=True,
                                               align_corners=False)
-        return out[0].permute(1, 2, 0)
+        return out[0].permute(1, 2, 0)  # channels-last in, channels-last out: a contiguous HWC image
 
     def __call__(self, path: str) -> torch.Tensor:
         with Image.open(path) as im:
@@ -147,11 +161,7 @@ class DecodeCropTransform:
             for op in self.pil_ops:
                 img = op(img)
             hwc = torch.from_numpy(np.array(img))
-        x = torch.empty(hwc.shape[2], hwc.shape[0], hwc.shape[1])
-        x.copy_(hwc.permute(2, 0, 1)).sub_(self.mean).mul_(self.inv_std)
-        for op in self.tensor_ops:
-            x = op(x)
-        return x
+        return hwc.contiguous()
 
 
 def _pil_filter(interp) -> int:

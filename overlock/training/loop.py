@@ -238,6 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if ema is not None:
                     anneal_temperature(ema.module, epoch + i / steps_per_epoch, p.epochs)
                 images, targets = images.to(device, memory_format=memory_format), targets.to(device)
+                images = train_tf.on_device(images, memory_format) if hasattr(train_tf, "on_device") else images
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 loss = loss_with_fallback(ddp_model, images, targets, criterion, p.aux_loss_ratio, precision,
