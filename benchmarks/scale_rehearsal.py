@@ -5,8 +5,8 @@ and one epoch of the training input pipeline; each step timed and extrapolated t
 The generated archives cannot match the published checksums: the scratch project lists them in
 ``data.unverified_archives`` (the download stage then hashes them and logs each as UNVERIFIED).
 
+    python benchmarks/scale_rehearsal.py                 # default 20 classes x 50 + 1,000 val: minutes on 2 cores
     python benchmarks/scale_rehearsal.py --classes 100 --train-per-class 100 --val 5000   # the real-size target
-    python benchmarks/scale_rehearsal.py --classes 20 --train-per-class 50 --val 500      # minutes on 2 cores
 
 Extrapolation (printed with the table): the extraction and the verification are also timed in this process
 (without the stage's start-up); ``dvc status``/``commit`` are split into a fixed part (``dvc status`` before any
