@@ -129,8 +129,8 @@ class PretrainParams(_Section):
     log_every_steps: int = Field(5, ge=1)
     # DataLoader processes per Ray worker; None: cpus_per_worker - 1 (operational)
     num_data_workers: int | None = Field(None, ge=0)
-    # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, same augmentation
-    # distribution, ~1.3-1.5x fewer CPU per image) | pil (timm's PIL path pixel for pixel)
+    # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, uint8 to the device; same
+    # augmentation distribution, ~1.2-1.35x the images per core of timm's loader) | pil (timm's PIL path)
     train_decode: Literal["fast", "pil"] = "fast"
 
 

@@ -8,9 +8,11 @@ crop, interpolation and flip exactly as timm does (same calls, same order, same 
 RGB JPEGs with libjpeg-turbo (``torchvision.io.decode_jpeg``) — or, when the crop is at least twice the
 output size, straight to a reduced size (PIL ``Image.draft``: the JPEG's DCT scaling) — and crops and
 resizes the uint8 tensor with antialiasing (PIL-equivalent filters). RandAugment (or colour jitter),
-normalisation and random erasing are timm's own objects. Per image this is about 1.4-1.5x cheaper than
-timm's PIL path (``benchmarks/data_loading.py``), with the same augmentation distribution; pixels differ from
-the PIL path by rounding only (``tests/test_real_size_recipe.py``).
+normalisation and random erasing are timm's own objects; the loader processes send uint8 images and
+:meth:`DecodeCropTransform.on_device` normalises and erases the batch where it is (as timm's prefetcher does).
+Per CPU core this loads ~1.2-1.35x the images of timm's own loader (``benchmarks/data_loading.py``,
+``benchmarks/RESULTS.md``) with the same augmentation distribution; pixels differ from the PIL path by resize
+rounding only (``tests/test_real_size_recipe.py``).
 """
 from __future__ import annotations
 
