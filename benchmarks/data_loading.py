@@ -25,17 +25,19 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from overlock.data.datasets import ClassificationDataset
-from overlock.data.synthetic_images import write_classification_layout
-from overlock.params import parse_params
-from overlock.training import recipe
-from overlock.training.loader import loader_settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from overlock.data.datasets import ClassificationDataset  # noqa: E402
+from overlock.data.synthetic_images import write_classification_layout  # noqa: E402
+from overlock.params import parse_params  # noqa: E402
+from overlock.training import recipe  # noqa: E402
+from overlock.training.loader import loader_settings  # noqa: E402
 
 CFG = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}

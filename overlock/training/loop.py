@@ -62,6 +62,13 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def _distribute_bn(model: torch.nn.Module, world: int) -> None:
+    """Average BatchNorm running statistics over the ranks: DDP's buffer broadcast leaves each rank its own
+    last update, so the ranks would evaluate (and rank 0 save) different statistics."""
+    from timm.utils import distribute_bn
+    distribute_bn(model, world, reduce=True)
+
+
 def _sum_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
@@ -280,6 +287,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 bar.close()
         train_time = time.perf_counter() - t0
         loss_total, steps_total, seen_total = _sum_ranks([loss_sum, steps, seen])
+        if world > 1:  # one set of BN statistics on every rank (their mean), as the official train.py does
+            _distribute_bn(model, world)
+            if ema is not None:
+                _distribute_bn(ema.module, world)
         top1, top5 = evaluate(model, val_loader, device, precision)
         top1_ema, top5_ema = evaluate(ema.module, val_loader, device, precision) if ema is not None \
             else (float("nan"), float("nan"))
