@@ -60,6 +60,9 @@ class DataParams(_Section):
     # {path: ..., sha256: ...}; your own data: `folder` / `coco_folder` -> a directory or a tar/tar.gz/zip
     sources: dict[str, str | SourceParams] = Field(default_factory=dict)
     download_retries: int = Field(5, ge=0, le=50)
+    # archive names accepted WITHOUT their published checksum (rehearsals with generated archives, e.g.
+    # benchmarks/scale_rehearsal.py; never for real data): each local source is hashed and logged as unverified
+    unverified_archives: list[str] = Field(default_factory=list)
     # held-out calibration split: images per class taken deterministically from train, never trained on
     calibration_per_class: int = Field(5, ge=1)
     # image check of the extract stage: full = decode every image (parallel over all cores), header = PIL verify
@@ -143,16 +146,26 @@ class PretrainParams(_Section):
     smoothing: float = Field(0.1, ge=0, lt=1)
     randaugment: str | None = None
     reprob: float = Field(0.0, ge=0, le=1)
+    # training crop interpolation: random (bilinear or bicubic per image, official) | bilinear | bicubic;
+    # None: the model's own (bicubic)
+    train_interpolation: Literal["random", "bilinear", "bicubic"] | None = None
     input_size: int = Field(64, ge=16)
     workers: int = Field(2, ge=1, description="Ray Train workers")
     gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
+    # CPUs per Ray worker (loader processes + the training process); None: 1 on CPU runs, on GPU runs the
+    # cluster's CPUs per GPU (at most 10 per GPU). Operational: changing it re-runs nothing
+    cpus_per_worker: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
     storage_path: str | None = Field(None, description="Ray storage; None: .overlock/ray (absolute)")
     ray_address: str | None = Field(None, description="None: connect to RAY_ADDRESS or start local Ray")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     log_every_steps: int = Field(5, ge=1)
+    # DataLoader processes per Ray worker; None: cpus_per_worker - 1 (operational)
+    num_data_workers: int | None = Field(None, ge=0)
+    # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, uint8 to the device; same
+    # augmentation distribution, ~1.2-1.35x the images per core of timm's loader) | pil (timm's PIL path)
+    train_decode: Literal["fast", "pil"] = "fast"
     num_data_workers: int = Field(0, ge=0)
     # operational: hooks every Ray worker imports and calls ("module:name" or {target, kwargs}); tests use them
     callbacks: list[CallbackParams] = Field(default_factory=list)

@@ -272,3 +272,13 @@ def count_forward_calls(model, x, modules):
 def forward_calls():
     """:func:`count_forward_calls` (a fixture so test modules need not import conftest)."""
     return count_forward_calls
+
+
+@pytest.fixture(scope="session")
+def real_size_classification(tmp_path_factory):
+    """Real-size photo-like images (~500x375; grayscale, CMYK and PNG-named-.JPEG among them) in the extract
+    stage's classification layout: 4 classes x 48 train + 8 val. Yields the data directory."""
+    from overlock.data.synthetic_images import write_classification_layout
+    data = tmp_path_factory.mktemp("real_size_data")
+    write_classification_layout(data, num_classes=4, train_per_class=48, val_per_class=8, seed=0)
+    return data

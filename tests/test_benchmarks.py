@@ -47,3 +47,14 @@ def test_inference_benchmark_quick_reports_ratios():
     assert re.search(r"^RATIO reparam channels_last vs plain: \d+\.\d+x img/s at batch 4$", out, re.M), out
     assert re.search(r"^RATIO reparam channels_last bf16 vs plain torch-dw: \d+\.\d+x batch-1 latency$", out, re.M), out
     assert "fp32 rows agree with the plain model" in out
+
+
+@pytest.mark.bench
+def test_data_loading_benchmark_quick_runs_every_side():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for w in (0, 1):
+        for side in ("timm", "ours-pil", "ours"):
+            assert re.search(rf"^\| {w} \| {side} \| \d+\.\d \| \d+\.\d \|$", proc.stdout, re.M), proc.stdout
+        assert re.search(rf"^RATIO workers={w}: ours/timm per core \d+\.\d\dx", proc.stdout, re.M)

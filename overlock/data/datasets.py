@@ -86,6 +86,8 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if getattr(self.transform, "reads_files", False):  # decodes the file itself (training/loader.py)
+            return self.transform(path), label
         with Image.open(path) as im:
             image = im.convert("RGB")
         return (self.transform(image) if self.transform else image), label

@@ -259,6 +259,10 @@ def archive_specs(params, state: Path) -> list[ArchiveSpec]:
 def _check_sources(params, specs: list[ArchiveSpec]) -> None:
     known = {e["file"] for k, d in published_archives().items() if not k.startswith("_") for e in d.values()}
     known |= {f for d in DEMO_ARCHIVES.values() for f in d.values()} | set(OWN_DATASETS)
+    stray = sorted(set(params.data.unverified_archives) - {s.file for s in specs})
+    if stray:
+        raise DownloadError(f"data.unverified_archives names {stray}, which the selected datasets do not use; "
+                            f"valid: {', '.join(s.file for s in specs)}")
     unknown = sorted(set(params.data.sources) - known)
     if unknown:
         raise DownloadError(f"data.sources names unknown archive(s) {unknown}; the keys are archive file names, "
@@ -281,6 +285,25 @@ def _check_sources(params, specs: list[ArchiveSpec]) -> None:
                             f"data:\n  sources:\n{lines}")
 
 
+def unverified_checksum(params, file: str, source: str) -> tuple[str, str] | None:
+    """("sha256", digest of the local ``source``) when ``file`` is in ``data.unverified_archives``, else None.
+
+    The archive is then accepted without its published checksum: a rehearsal with generated archives
+    (``benchmarks/scale_rehearsal.py``). Only a local file can be accepted so; it is logged as a warning.
+    """
+    if file not in params.data.unverified_archives:
+        return None
+    local = _local_path(source)
+    if local is None or not local.is_file():
+        raise DownloadError(f"data.unverified_archives lists {file}, but its source {source!r} is not a local file; "
+                            f"only local archives can be accepted without the published checksum")
+    digest = file_digest(local, "sha256")
+    log.warning("UNVERIFIED ARCHIVE: %s (%s) is accepted WITHOUT its published checksum because "
+                "data.unverified_archives lists it (sha256 %s). Remove it from data.unverified_archives for real "
+                "data.", file, local, digest)
+    return "sha256", digest
+
+
 def run_download(params, run, out: Path) -> dict:
     """Stage ``download``: fetch and verify every archive of the selected datasets into ``out``.
 
@@ -298,12 +321,14 @@ def run_download(params, run, out: Path) -> dict:
     for spec in tqdm(specs, desc="archives", unit="archive", disable=None):
         given = params.data.source(spec.file)
         source = given.path if given else spec.url
-        algo, digest = spec.checksum
+        algo, digest = unverified_checksum(params, spec.file, source) or spec.checksum
         actions[spec.file] = fetch_archive(source, out / spec.file, algo, digest, params.data.download_retries,
                                            cache_dir=state / "archives", verified=verified)
         log.info("%s: %s", spec.file, actions[spec.file])
         manifest[spec.file] = {"dataset": spec.dataset, "role": spec.role, "algo": algo, "digest": digest,
                                "size": (out / spec.file).stat().st_size, "source": source}
+        if spec.file in params.data.unverified_archives:
+            manifest[spec.file]["unverified"] = True
     for key in tqdm(own_datasets(params.data), desc="your own data", unit="source", disable=None):
         manifest[key] = place_own_source(key, params.data.source(key), out, state, params.data.download_retries)
         actions[key] = "linked"
@@ -320,6 +345,8 @@ def run_download(params, run, out: Path) -> dict:
     run.log_summary({"archives": len(manifest), "archive_bytes": total,
                      **{f"archives_{k}": v for k, v in counts.items()}})
     run.log_dict(manifest, "download/manifest.json")
+    if params.data.unverified_archives:
+        run.set_tags({"download.unverified_archives": ",".join(params.data.unverified_archives)})
     print(f"download: {len(manifest)} archives verified ({total / 1e6:.1f} MB): "
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=sys.stderr)
     return {"archives": actions, "bytes": total}

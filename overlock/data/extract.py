@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,7 +22,10 @@ import stat
 import sys
 import tarfile
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
 
 from overlock.state import read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
 
@@ -122,6 +126,88 @@ def safe_extract(archive: Path, target: Path, members: list[str] | None = None) 
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise ArchiveError(f"{archive} is not a readable tar or zip archive ({type(err).__name__}: {err}); "
                            f"delete it and run the download stage again.") from None
+
+
+# ------------------------------------------------------------------------- archives of archives, in parallel
+class _MemberFile(io.RawIOBase):
+    """A read-only, seekable view of ``size`` bytes at ``offset`` of a file (an uncompressed tar member)."""
+
+    def __init__(self, path: Path, offset: int, size: int):
+        super().__init__()
+        self._fh, self._offset, self._size, self._pos = open(path, "rb"), offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + pos))
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._fh.seek(self._offset + self._pos)
+        got = self._fh.readinto(memoryview(buf)[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _extract_inner_tar(job: tuple[str, str, int, int, str, str]) -> int:
+    """Extract one inner tar (by its byte range in the outer tar) into ``final`` via a temp dir; file count."""
+    outer, name, offset, size, final, label = job
+    final_dir = Path(final)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _MemberFile(Path(outer), offset, size) as fh, tarfile.open(fileobj=fh, mode="r:") as inner:
+        count = len(safe_extract_tar(inner, tmp, f"{label}:{name}"))
+    os.replace(tmp, final_dir)
+    return count
+
+
+def extract_inner_tars(outer: Path, members: list[tarfile.TarInfo], finals: list[Path],
+                       workers: int | None = None) -> int:
+    """Extract the uncompressed inner tars ``members`` of the tar ``outer`` (e.g. ImageNet's per-class tars),
+    member ``k`` into directory ``finals[k]``, in parallel over ``workers`` processes (default: every CPU).
+
+    Each process reads its member's byte range of ``outer`` directly (no copy of the member), extracts it safely
+    into a temporary sibling directory and renames that into place, so a finished directory is complete; ones
+    that already exist (an earlier, killed run) are skipped. Returns the number of files extracted.
+    """
+    try:  # the byte ranges are only meaningful in an uncompressed outer tar
+        tarfile.open(outer, "r:").close()
+    except tarfile.ReadError:
+        raise ArchiveError(f"{Path(outer).name} is a compressed tar; an archive of per-class tars (like "
+                           f"ILSVRC2012_img_train.tar) must be an uncompressed tar") from None
+    jobs = [(str(outer), m.name, m.offset_data, m.size, str(f), Path(outer).name)
+            for m, f in zip(members, finals) if not Path(f).is_dir()]
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs)))
+    progress = tqdm(total=len(jobs), desc="extract inner tars", unit="tar", disable=None)
+    total = 0
+    try:
+        if workers == 1:
+            for job in jobs:
+                total += _extract_inner_tar(job)
+                progress.update(1)
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for count in pool.map(_extract_inner_tar, jobs):
+                    total += count
+                    progress.update(1)
+    finally:
+        progress.close()
+    return total
 
 
 # ---------------------------------------------------------------------------------------- the stage

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from overlock.data.extract import ArchiveError, check_tar_members, safe_extract, safe_extract_tar
+from overlock.data.extract import ArchiveError, check_tar_members, extract_inner_tars, safe_extract
 from overlock.data.own_layouts import build_class_folders, build_coco_folder, image_suffixes
 from overlock.data.sources import archive_dataset, expected_counts, imagenet100_classes
 from overlock.state import write_json_atomic
@@ -79,18 +79,11 @@ def build_imagenet(train_tar: Path, val_tar: Path, devkit: Path, root: Path) -> 
         if not class_tars:
             raise ArchiveError(f"{train_tar.name} holds no per-class tars (<wnid>.tar); it is not the ImageNet "
                                f"train archive")
-        for m in tqdm(class_tars, desc="train classes", unit="class", disable=None):
-            wnid = PurePosixPath(m.name).stem
-            if wnid not in by_wnid:
-                raise ArchiveError(f"{train_tar.name}: class tar {m.name} is not a class of the devkit's meta.mat")
-            final = train_dir / wnid
-            if final.is_dir():  # finished by an earlier (killed) run
-                continue
-            tmp = train_dir / f".{wnid}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            with tarfile.open(fileobj=outer.extractfile(m), mode="r:") as inner:
-                safe_extract_tar(inner, tmp, f"{train_tar.name}:{m.name}")
-            os.replace(tmp, final)
+        unknown = [m.name for m in class_tars if PurePosixPath(m.name).stem not in by_wnid]
+        if unknown:
+            raise ArchiveError(f"{train_tar.name}: class tar {unknown[0]} is not a class of the devkit's meta.mat")
+    # per-class tars in parallel over every CPU; finished classes (an earlier, killed run) are kept
+    extract_inner_tars(train_tar, class_tars, [train_dir / PurePosixPath(m.name).stem for m in class_tars])
     done = root / ".val_done"
     if not done.exists():
         val_dir = root / "val"

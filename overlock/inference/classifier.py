@@ -161,9 +161,11 @@ def collect_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 logits [N, C], labels [N]) of ``model`` over ``dataset``, on CPU."""
     from overlock.compute import autocast
+    from overlock.training.loader import loader_settings, worker_cpu_count
 
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        **loader_settings(worker_cpu_count(), device, persistent=False))
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False):
         with autocast(precision, device):

@@ -26,6 +26,7 @@ from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
 from overlock.training.callbacks import TrainCallback, load_callbacks
+from overlock.training.loader import loader_settings, worker_cpus
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -51,9 +52,9 @@ def load_datasets(data_dir: Path, train_tf=None, val_tf=None):
     return train, val, load_classes(root)
 
 
-def _loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       drop_last=drop_last, persistent_workers=workers > 0)
+def _loader(dataset, batch_size: int, sampler, settings: dict, drop_last: bool):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                                       **settings)
 
 
 # -- distributed helpers ----------------------------------------------------------------------------
@@ -63,6 +64,13 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def _distribute_bn(model: torch.nn.Module, world: int) -> None:
+    """Average BatchNorm running statistics over the ranks: DDP's buffer broadcast leaves each rank its own
+    last update, so the ranks would evaluate (and rank 0 save) different statistics."""
+    from timm.utils import distribute_bn
+    distribute_bn(model, world, reduce=True)
 
 
 def _sum_ranks(values: list[float]) -> list[float]:
@@ -155,21 +163,25 @@ class _Loaders:
     val: torch.utils.data.DataLoader
     classes: list
     steps_per_epoch: int
+    train_tf: Any  # finishes the batch on the device when it has ``on_device`` (the fast decode path)
 
 
-def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int, world: int) -> _Loaders:
-    """This rank's shard of train (distributed sampler, drop last) and val, with the recipe's transforms."""
+def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int, world: int, cpus: float,
+                  device: torch.device) -> _Loaders:
+    """This rank's shard of train (distributed sampler, drop last) and val, with the recipe's transforms;
+    loader processes, pinned memory and prefetch sized from the worker's ``cpus``."""
     p = params.pretrain
     train_tf, val_tf = recipe.build_transforms(p, recipe.data_config(model, p.input_size))
     train_ds, val_ds, classes = load_datasets(data, train_tf, val_tf)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=params.seed, drop_last=True)
     batch = min(p.batch_size, max(1, len(train_ds) // world))
-    train_loader = _loader(train_ds, batch, sampler, p.num_data_workers, drop_last=True)
+    settings = loader_settings(cpus, device, p.num_data_workers)
+    train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
-    val_loader = _loader(val_shard, p.batch_size, None, p.num_data_workers, drop_last=False)
+    val_loader = _loader(val_shard, p.batch_size, None, settings, drop_last=False)
     steps = len(train_loader) if p.max_steps_per_epoch is None else min(len(train_loader), p.max_steps_per_epoch)
-    return _Loaders(train_loader, sampler, val_loader, classes, steps)
+    return _Loaders(train_loader, sampler, val_loader, classes, steps, train_tf)
 
 
 @dataclass
@@ -195,7 +207,8 @@ class TrainingWorker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # the pipeline's compute params, applied in this process (threads: the worker's CPU share by default)
-        configure(params.compute, params.seed + self.rank, default_threads=max(1, int(p.cpus_per_worker)))
+        cpus = worker_cpus(p)
+        configure(params.compute, params.seed + self.rank, default_threads=max(1, int(cpus)))
         self.device = ray.train.torch.get_device()
         self.precision = params.compute.precision
         self.callbacks = load_callbacks(c.model_dump() for c in p.callbacks)
@@ -203,7 +216,8 @@ class TrainingWorker:
         model = recipe.build_model(params, config["num_classes"]).to(self.device)
         self.memory_format = torch.channels_last if params.compute.channels_last else torch.contiguous_format
         self.model = to_memory_format(model, self.memory_format)
-        self.loaders = build_loaders(params, self.model, Path(config["data"]), self.rank, self.world)
+        self.loaders = build_loaders(params, self.model, Path(config["data"]), self.rank, self.world, cpus,
+                                     self.device)
         self.optimizer = recipe.build_optimizer(p, self.model, recipe.learning_rate(p, self.world))
         self.scheduler = recipe.build_scheduler(p, self.optimizer, self.loaders.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.precision, self.device) else None
@@ -251,6 +265,8 @@ class TrainingWorker:
         if self.ema is not None:
             anneal_temperature(self.ema.module, epoch + batch / steps, p.epochs)
         images, targets = images.to(self.device, memory_format=self.memory_format), targets.to(self.device)
+        if hasattr(self.loaders.train_tf, "on_device"):  # uint8 from the loader: normalise (and erase) here
+            images = self.loaders.train_tf.on_device(images, self.memory_format)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = loss_with_fallback(self.ddp_model, images, targets, self.criterion, p.aux_loss_ratio,
@@ -303,6 +319,10 @@ class TrainingWorker:
     def evaluate(self, epoch: int, trained: dict) -> dict:
         """Validation (raw and EMA) over every rank's shard; the epoch's history row."""
         loss_total, steps_total, seen_total = _sum_ranks([trained["loss_sum"], trained["steps"], trained["seen"]])
+        if self.world > 1:  # one set of BN statistics on every rank (their mean), as the official train.py does
+            _distribute_bn(self.model, self.world)
+            if self.ema is not None:
+                _distribute_bn(self.ema.module, self.world)
         top1, top5 = evaluate(self.model, self.loaders.val, self.device, self.precision)
         top1_ema, top5_ema = evaluate(self.ema.module, self.loaders.val, self.device, self.precision) \
             if self.ema is not None else (float("nan"), float("nan"))

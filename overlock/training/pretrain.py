@@ -27,6 +27,7 @@ from overlock.tracking import write_metrics_file
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
 from overlock.training.callbacks import load_callbacks
+from overlock.training.loader import default_cpus_per_worker
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
 
 if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
@@ -90,7 +91,9 @@ def _trainer(params: Params, config: dict, storage: Path, name: str):
     from ray.train.torch import TorchConfig, TorchTrainer
     p = params.pretrain
     use_gpu = p.gpus_per_worker > 0
-    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
+    import ray
+    cpus = p.cpus_per_worker or default_cpus_per_worker(p.gpus_per_worker, ray.cluster_resources())
+    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -26,7 +26,7 @@ OFFICIAL_PRETRAIN: dict[str, Any] = {
     "lr": None, "epochs": 300, "input_size": 224, "batch_size": 256, "lr_base": 1e-3, "weight_decay": 0.05,
     "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "aux_loss_ratio": 0.4,
     "ema_decay": 0.9999, "clip_grad": 5.0, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1,
-    "randaugment": "rand-m9-mstd0.5-inc1", "reprob": 0.25,
+    "randaugment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "train_interpolation": "random",
 }
 
 
@@ -76,14 +76,60 @@ def data_config(model: nn.Module, input_size: int) -> dict:
     return cfg
 
 
+def posterize_keeping_bits(img, bits_to_keep: int, **_):
+    """Keep the ``bits_to_keep`` most significant bits of each channel; 0 bits gives a black image.
+
+    timm's ``PosterizeIncreasing`` maps magnitude 10 to 0 bits ("keep 4 down to 0 MSB", as in the UDA/TF
+    RandAugment), and ``rand-m9-mstd0.5`` draws magnitudes around 9 clipped at 10, so about 2% of its
+    posterize calls ask for 0 bits. Pillow up to 10 posterized 0 bits to black (mask ``~255``); Pillow 11+
+    (13.0.0 here) raises ``ValueError: bits must be between or equal to 1 and 8``. This op keeps the old
+    result, so the augmentation distribution is that of the official runs.
+    """
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, int(bits_to_keep))
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def fix_randaugment_ops(transform) -> int:
+    """Swap the posterize op of every timm RandAugment/AutoAugment inside ``transform`` for
+    :func:`posterize_keeping_bits`; return how many ops were swapped."""
+    from timm.data.auto_augment import AugmentOp
+    swapped = 0
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, AugmentOp):
+            if t.name.startswith("Posterize"):
+                t.aug_fn = posterize_keeping_bits
+                swapped += 1
+            continue
+        for attr in ("transforms", "ops", "policy"):
+            inner = getattr(t, attr, None)
+            if isinstance(inner, (list, tuple)):
+                stack.extend(x for item in inner for x in (item if isinstance(item, (list, tuple)) else [item]))
+    return swapped
+
+
 def build_transforms(p: PretrainParams, cfg: dict):
-    """(train, eval) transforms: random-resized crop + flip (+RandAugment, random erasing) / resize + centre crop."""
+    """(train, eval) transforms: random-resized crop + flip (+RandAugment, random erasing) / resize + centre crop.
+
+    The training crop (and RandAugment's geometric ops) interpolate with ``pretrain.train_interpolation``
+    (``random``: bilinear or bicubic per image, the official ``train.py``), else the model's own.
+    """
     from timm.data import create_transform
-    common = dict(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"],
-                  std=cfg["std"])
+    common = dict(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"])
     train = create_transform(is_training=True, auto_augment=p.randaugment, re_prob=p.reprob, re_mode="pixel",
-                             color_jitter=0.4 if p.randaugment is None else None, **common)
-    val = create_transform(is_training=False, crop_pct=cfg["crop_pct"], **common)
+                             color_jitter=0.4 if p.randaugment is None else None,
+                             interpolation=p.train_interpolation or cfg["interpolation"], **common)
+    fix_randaugment_ops(train)
+    if p.train_decode == "fast":
+        from overlock.training.loader import DecodeCropTransform
+        train = DecodeCropTransform(train)
+    val = create_transform(is_training=False, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"],
+                           **common)
     return train, val
 
 
