@@ -20,7 +20,7 @@ Role = Literal["in", "out", "metrics", "plots"]
 # Code every stage runs through the kernel (entry point -> runner -> context -> tracking/params/state/compute)
 KERNEL_CODE = ("overlock/__init__.py", "overlock/pipeline/__init__.py", "overlock/pipeline/context.py",
                "overlock/pipeline/runner.py", "overlock/backends.py", "overlock/compute.py", "overlock/params.py",
-               "overlock/registry.py", "overlock/state.py", "overlock/tracking.py")
+               "overlock/registry.py", "overlock/catalog.py", "overlock/state.py", "overlock/tracking.py")
 # The descriptions themselves are not a dep: everything they say that DVC acts on is written in the stage's
 # own dvc.yaml entry (cmd, deps, params, outs), which DVC compares stage by stage; the check is a test.
 DESCRIPTION_FILES = ("overlock/pipeline/spec.py",)
@@ -153,7 +153,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      metrics=("metrics", "DVC metrics JSON", "metrics/calibrate.json"),
                      plots=("plots", "DVC plots directory", "plots/calibrate", True, "reliability.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "calibrate", "compute"),
-        code=("overlock/calibration", "overlock/evaluation", "overlock/compat.py", "overlock/data/__init__.py",
+        code=("overlock/calibration", "overlock/evaluation", "overlock/inference", "overlock/metrics",
+              "overlock/figures.py", "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
               "overlock/data/datasets.py", "overlock/detection", *MODEL_CODE),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
     StageSpec(
@@ -167,7 +168,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      plots=("plots", "DVC plots directory", "plots/evaluate", True, "per_class_accuracy.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "finetune.detector",
                        "finetune.schedule", "calibrate.bins", "evaluate", "compute"),
-        code=("overlock/evaluation", "overlock/calibration", "overlock/compat.py", "overlock/data/__init__.py",
+        code=("overlock/evaluation", "overlock/calibration", "overlock/inference", "overlock/metrics",
+              "overlock/figures.py", "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
               "overlock/data/datasets.py", "overlock/detection", "overlock/reference", *MODEL_CODE),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
 )}
