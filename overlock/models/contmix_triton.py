@@ -2,11 +2,12 @@
 
 Same function as the reference (``_gather_av``), same window rule (natten 0.17, see ``contmix``'s docstring);
 called by the dispatcher with maps of at least ``K * dilation`` per axis (it pads smaller ones). Three
-kernels over ``attn [N, H*W, Kh*Kw]`` and ``value [N, H*W, C]`` (contiguous):
+kernels over ``attn [N, H*W, Kh*Kw]`` and ``value [N, H*W, C]`` (contiguous), each program taking a block of
+(image, pixel) rows (a block may span images):
 
-* forward, one program per (pixel block, n, channel block): ``out[p] = sum_k attn[p, k] * value[src(p, k)]``,
+* forward, one program per (row block, channel block): ``out[p] = sum_k attn[p, k] * value[src(p, k)]``,
   the window slots in order (k = 0, 1, ...);
-* grad of attn, one program per (pixel block, n):
+* grad of attn, one program per row block:
   ``grad_attn[p, k] = sum_c grad_out[p, c] * value[src(p, k), c]``;
 * grad of value without atomics (deterministic): for every source pixel ``q`` the kernel visits the
   ``(2Kh - 1) x (2Kw - 1)`` pixels of its dilation group around it (a window clamped at the border reaches at
@@ -101,23 +102,24 @@ def _launch(which, attn, value, grad_out, height, width, kernel, dilation):
     n, pixels, channels = value.shape
     interpret = value.device.type == "cpu"
     # the interpreter runs each program as numpy calls: few big programs; a GPU wants many small ones
-    block_p = min(_next_pow2(pixels), 256) if interpret else 64
+    block_p = min(_next_pow2(n * pixels), 2048) if interpret else 64
     block_c = min(_next_pow2(channels), 128 if interpret else 32)
     block_p, block_c = BLOCK_OVERRIDE.get("p", block_p), BLOCK_OVERRIDE.get("c", block_c)
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
     common = dict(KH=kernel[0], KW=kernel[1], DH=dilation[0], DW=dilation[1], BLOCK_P=block_p,
                   BLOCK_C=block_c, ACC=acc)
-    p_blocks, c_blocks = -(-pixels // block_p), -(-channels // block_c)
+    rows = n * pixels  # programs take blocks of (image, pixel) rows: a block may span images
+    r_blocks, c_blocks = -(-rows // block_p), -(-channels // block_c)
     fn = _kernel(which, interpret)
     if which == "forward":
         out = torch.empty_like(value)
-        fn[(p_blocks, n, c_blocks)](attn, value, out, height, width, channels, **common)
+        fn[(r_blocks, c_blocks)](attn, value, out, rows, height, width, channels, **common)
     elif which == "grad_attn":
         out = torch.empty_like(attn)
-        fn[(p_blocks, n)](grad_out, value, out, height, width, channels, **common)
+        fn[(r_blocks,)](grad_out, value, out, rows, height, width, channels, **common)
     else:
         out = torch.empty_like(value)
-        fn[(p_blocks, n, c_blocks)](attn, grad_out, out, height, width, channels, **common)
+        fn[(r_blocks, c_blocks)](attn, grad_out, out, rows, height, width, channels, **common)
     return out
 
 
@@ -146,68 +148,63 @@ except Exception:  # CPU-only wheels ship without triton; triton_error() says so
 # Only core builtins (no ``tl.zeros``/``tl.sum``, themselves jit functions): the interpreter then runs these
 # kernels whether or not TRITON_INTERPRET was set when triton was imported.
 if tl is not None:
-    def forward_kernel(attn_ptr, value_ptr, out_ptr, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
+    def forward_kernel(attn_ptr, value_ptr, out_ptr, R, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
                        DH: tl.constexpr, DW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                        ACC: tl.constexpr):
-        n = tl.program_id(1).to(tl.int64)
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        p_mask, c_mask = p < H * W, c < C
+        r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # row = image * H * W + pixel
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r_mask, c_mask = r < R, c < C
+        image, p = r // (H * W), r % (H * W)
         i, j = p // W, p % W
         # window start per axis (natten 0.17): clamp inside the dilation group
         g_i, g_j = i % DH, j % DW
         len_i, len_j = (H - g_i + DH - 1) // DH, (W - g_j + DW - 1) // DW
         row0 = g_i + DH * tl.minimum(tl.maximum(i // DH - KH // 2, 0), tl.maximum(len_i - KH, 0))
         col0 = g_j + DW * tl.minimum(tl.maximum(j // DW - KW // 2, 0), tl.maximum(len_j - KW, 0))
-        attn_base = attn_ptr + n * H * W * (KH * KW) + p * (KH * KW)
-        value_base = value_ptr + n * H * W * C
-        mask2 = p_mask[:, None] & c_mask[None, :]
+        value_rows = value_ptr + image * (H * W * C)
+        mask2 = r_mask[:, None] & c_mask[None, :]
         acc = tl.full((BLOCK_P, BLOCK_C), 0.0, ACC)
         for a in range(KH):
             for b in range(KW):
                 src = (row0 + a * DH) * W + col0 + b * DW
-                w = tl.load(attn_base + (a * KW + b), mask=p_mask, other=0.0).to(ACC)
-                v = tl.load(value_base + src[:, None] * C + c[None, :], mask=mask2, other=0.0).to(ACC)
-                acc += w[:, None] * v
-        out = out_ptr + n * H * W * C + p[:, None] * C + c[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask2)
+                w = tl.load(attn_ptr + r * (KH * KW) + (a * KW + b), mask=r_mask, other=0.0).to(ACC)
+                v = tl.load(value_rows[:, None] + src[:, None] * C + c[None, :], mask=mask2, other=0.0)
+                acc += w[:, None] * v.to(ACC)
+        tl.store(out_ptr + r[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
-    def grad_attn_kernel(grad_ptr, value_ptr, out_ptr, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
+    def grad_attn_kernel(grad_ptr, value_ptr, out_ptr, R, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
                          DH: tl.constexpr, DW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          ACC: tl.constexpr):
-        n = tl.program_id(1).to(tl.int64)
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = p < H * W
+        r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        r_mask = r < R
+        image, p = r // (H * W), r % (H * W)
         i, j = p // W, p % W
         g_i, g_j = i % DH, j % DW
         len_i, len_j = (H - g_i + DH - 1) // DH, (W - g_j + DW - 1) // DW
         row0 = g_i + DH * tl.minimum(tl.maximum(i // DH - KH // 2, 0), tl.maximum(len_i - KH, 0))
         col0 = g_j + DW * tl.minimum(tl.maximum(j // DW - KW // 2, 0), tl.maximum(len_j - KW, 0))
-        base = n * H * W * C
-        out_base = out_ptr + n * H * W * (KH * KW) + p * (KH * KW)
+        value_rows = value_ptr + image * (H * W * C)
         for a in range(KH):
             for b in range(KW):
                 src = (row0 + a * DH) * W + col0 + b * DW
                 acc = tl.full((BLOCK_P,), 0.0, ACC)
                 for c0 in range(0, C, BLOCK_C):
                     c = c0 + tl.arange(0, BLOCK_C)
-                    mask2 = p_mask[:, None] & (c < C)[None, :]
-                    g = tl.load(grad_ptr + base + p[:, None] * C + c[None, :], mask=mask2, other=0.0)
-                    v = tl.load(value_ptr + base + src[:, None] * C + c[None, :], mask=mask2, other=0.0)
-                    g, v = g.to(ACC), v.to(ACC)
-                    acc += tl.reduce(g * v, 1, tl.standard._sum_combine)
-                tl.store(out_base + (a * KW + b), acc.to(out_ptr.dtype.element_ty), mask=p_mask)
+                    mask2 = r_mask[:, None] & (c < C)[None, :]
+                    g = tl.load(grad_ptr + r[:, None] * C + c[None, :], mask=mask2, other=0.0)
+                    v = tl.load(value_rows[:, None] + src[:, None] * C + c[None, :], mask=mask2, other=0.0)
+                    acc += tl.reduce(g.to(ACC) * v.to(ACC), 1, tl.standard._sum_combine)
+                out = out_ptr + r * (KH * KW) + (a * KW + b)
+                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_mask)
 
-    def grad_value_kernel(attn_ptr, grad_ptr, out_ptr, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
+    def grad_value_kernel(attn_ptr, grad_ptr, out_ptr, R, H, W, C, KH: tl.constexpr, KW: tl.constexpr,
                           DH: tl.constexpr, DW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                           ACC: tl.constexpr):
-        n = tl.program_id(1).to(tl.int64)
-        q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # the source pixel whose gradient is summed
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        q_mask, c_mask = q < H * W, c < C
-        r, s = q // W, q % W
-        attn_base = attn_ptr + n * H * W * (KH * KW)
-        grad_base = grad_ptr + n * H * W * C
+        q = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # the source row being summed
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        q_mask, c_mask = q < R, c < C
+        image_rows = (q // (H * W)) * (H * W)  # first row of q's image
+        r, s = (q % (H * W)) // W, q % W
         acc = tl.full((BLOCK_P, BLOCK_C), 0.0, ACC)
         for u in range(2 * KH - 1):
             i = r + (u - (KH - 1)) * DH  # a candidate output row in q's dilation group
@@ -217,7 +214,7 @@ if tl is not None:
             len_i = (H - g_i + DH - 1) // DH
             row0 = g_i + DH * tl.minimum(tl.maximum(i // DH - KH // 2, 0), tl.maximum(len_i - KH, 0))
             a = (r - row0) // DH
-            ok_i = ok_i & (r >= row0) & (a < KH)
+            ok_i = ok_i & (r >= row0) & (a < KH) & q_mask
             for v in range(2 * KW - 1):
                 j = s + (v - (KW - 1)) * DW
                 ok = ok_i & (j >= 0) & (j < W)
@@ -226,14 +223,14 @@ if tl is not None:
                 len_j = (W - g_j + DW - 1) // DW
                 col0 = g_j + DW * tl.minimum(tl.maximum(j // DW - KW // 2, 0), tl.maximum(len_j - KW, 0))
                 b = (s - col0) // DW
-                ok = ok & (s >= col0) & (b < KW) & q_mask
-                p = i * W + j
+                ok = ok & (s >= col0) & (b < KW)
+                p = image_rows + i * W + j
                 k = tl.where(ok, a * KW + b, 0)
-                w = tl.load(attn_base + p * (KH * KW) + k, mask=ok, other=0.0).to(ACC)
-                g = tl.load(grad_base + p[:, None] * C + c[None, :], mask=ok[:, None] & c_mask[None, :],
-                            other=0.0).to(ACC)
-                acc += w[:, None] * g
-        out = out_ptr + n * H * W * C + q[:, None] * C + c[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & c_mask[None, :])
+                w = tl.load(attn_ptr + p * (KH * KW) + k, mask=ok, other=0.0).to(ACC)
+                g = tl.load(grad_ptr + p[:, None] * C + c[None, :], mask=ok[:, None] & c_mask[None, :],
+                            other=0.0)
+                acc += w[:, None] * g.to(ACC)
+        tl.store(out_ptr + q[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=q_mask[:, None] & c_mask[None, :])
 
     _SOURCES = {"forward": forward_kernel, "grad_attn": grad_attn_kernel, "grad_value": grad_value_kernel}

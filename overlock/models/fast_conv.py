@@ -144,7 +144,10 @@ def depthwise_forward(conv: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tens
     backend = os.environ.get(DWCONV_ENV_VAR, "") or "fast"
     geometry = conv.padding_mode == "zeros" and _fast_geometry(x, weight, conv.stride, conv.padding,
                                                                  conv.dilation, conv.groups)
-    tracing = torch.jit.is_tracing() or torch.jit.is_scripting()
+    # jit tracers must see the plain conv; so must torch.compile under CPU autocast (its fp32 detour below
+    # trips Dynamo's global-state check: "Global autocast(cpu)_enabled state changed while dynamo tracing")
+    tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or (
+        torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu"))
     if depthwise_path(x.device.type, backend, tracing, geometry) == "torch":
         return conv._conv_forward(x, weight, bias)  # also under jit tracing, so that fvcore & co. count it
     if torch.is_autocast_enabled("cpu"):
