@@ -23,6 +23,7 @@ from overlock.models.baselines import anneal_temperature
 from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
+from overlock.training.ddp import align_grad_strides
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -193,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mixup = recipe.build_mixup(p, config["num_classes"])
     criterion = recipe.build_loss(p, mixup)
 
+    if world > 1:  # gradients in DDP's bucket strides: no per-step copies (overlock/training/ddp.py)
+        align_grad_strides(model)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # broadcasts rank 0's weights
     if params.compute.compile:  # opt-in; the first steps pay the compile time (benchmarks/RESULTS.md)
         ddp_model = torch.compile(ddp_model)
