@@ -16,7 +16,8 @@ Needs only torch, torchvision and timm of the machine plus this repository on PY
     channels_last, AdamW step; eager and ``torch.compile`` (inductor; the compile time is reported apart).
 (c) inference images/s (bf16 autocast, channels_last, inference mode): the plain model vs the deploy form
     (``reparameterize``), whose outputs are compared too.
-(d) peak GPU memory of every measurement.
+(d) peak GPU memory of every measurement;
+(e) the ContMix aggregation alone, forward + backward ms per backend (what decides a default for CUDA).
 Prints a table and writes JSON. ``--dry-run``: tiny models at 64 px, batch 2, 1 warm-up + 2 timed
 iterations on the CPU, ``torch.compile`` with the light ``eager`` backend (inductor takes minutes on a CPU);
 the triton backend runs through Triton's interpreter there. A measurement that would overrun
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (what the test suite runs)")
     ap.add_argument("--json", default="gpu_check.json", help="where to write the results")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip measurements that would overrun this (default: 285 on a GPU, none for --dry-run)")
+                    help="skip what would overrun this (default: 285 s on a GPU, none for --dry-run)")
     ap.add_argument("--include-wrong-backend", action="store_true",
                     help="also check a deliberately wrong ContMix backend (it must fail)")
     ap.add_argument("--skip-compile", action="store_true", help="eager measurements only")
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
             result["train"].append(_skipped(name, "compile", "--skip-compile"))
         else:
             result["train"].append(measure_train(torch, timm, name, cfg, device, "compile", deadline))
+    result["contmix"] = measure_contmix(torch, contmix, device, cfg, deadline)
     result["heavy_modules_imported"] = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
     result["wall_s"] = round(time.perf_counter() - start, 1)
     checked = [r for r in result["parity"]["results"] if not r["skipped"]]
@@ -362,6 +364,48 @@ def measure_inference(torch, name: str, cfg: dict, device, deadline: float) -> l
     return rows
 
 
+def measure_contmix(torch, contmix, device, cfg: dict, deadline: float) -> list[dict]:
+    """ContMix aggregation alone, forward + backward ms per backend that runs here (bf16; the shapes of
+    OverLoCK-T's stage 3 (14x14, K=13) and stage 2-like maps at batch 128 x heads): the measurement that
+    decides whether ``triton`` may become the CUDA default."""
+    shapes = [(2, 2, 6, 7, 5, 8)] if cfg["overrides"] == "tiny" else [(128, 4, 14, 14, 13, 32),
+                                                                      (128, 4, 28, 28, 7, 32)]
+    rows = []
+    for batch, heads, height, width, kernel, channels in shapes:
+        attn = torch.randn(batch, heads, height, width, kernel * kernel, device=device, dtype=torch.bfloat16)
+        value = torch.randn(batch, heads, height, width, channels, device=device, dtype=torch.bfloat16)
+        grad = torch.randn_like(value)
+        for backend, why in available_backends(contmix, device):
+            row = {"shape": f"{batch}x{heads}x{height}x{width} K{kernel} C{channels}", "backend": backend,
+                   "fwd_bwd_ms": None, "skipped": why}
+            if backend == "natten" and why is None and not (
+                    device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8):
+                row["skipped"] = "natten 0.17 has bf16 kernels only on CUDA sm80+ (it exits the process)"
+            elif backend == "triton" and why is None and device.type == "cpu":
+                row["skipped"] = "Triton's CPU interpreter: a timing would mean nothing (checked in parity)"
+            elif why is None and not _estimate_ok(deadline, 5.0):
+                row["skipped"] = "time budget"
+            if row["skipped"] is None:
+                try:
+                    row["fwd_bwd_ms"] = _time_contmix(torch, contmix, device, cfg, backend, attn, value, grad,
+                                                      kernel)
+                except Exception as exc:  # noqa: BLE001 - e.g. natten's CPU kernels have no bf16
+                    row["skipped"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+    return rows
+
+
+def _time_contmix(torch, contmix, device, cfg, backend, attn, value, grad, kernel) -> float:
+    a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
+    for i in range(cfg["warmup"] + cfg["iters"]):
+        if i == cfg["warmup"]:
+            _sync(torch, device)
+            t0 = time.perf_counter()
+        torch.autograd.grad(contmix.na2d_av(a, v, kernel, backend=backend), (a, v), grad)
+    _sync(torch, device)
+    return round(1000 * (time.perf_counter() - t0) / cfg["iters"], 3)
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def format_table(result: dict) -> str:
@@ -393,6 +437,10 @@ def format_table(result: dict) -> str:
                 note = f"max rel diff vs plain {r['max_rel_diff_vs_plain']:.1e}"
             lines.append(f"| {r['model']} | {r['mode']} | {r['images_per_s'] or '-'} | "
                          f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-'} | {note} |")
+    lines += ["", "ContMix aggregation alone (bf16, forward + backward)", "| shape | backend | ms | note |",
+              "|---|---|---|---|"]
+    for r in result["contmix"]:
+        lines.append(f"| {r['shape']} | {r['backend']} | {r['fwd_bwd_ms'] or '-'} | {r['skipped'] or ''} |")
     return "\n".join(lines)
 
 

@@ -62,4 +62,6 @@ def test_gpu_check_dry_run(tmp_path):
     for model in ("overlock_xt", "overlock_t"):
         assert inference[(model, "deploy")]["max_rel_diff_vs_plain"] < 5e-2  # bf16 round-off only
         assert all(inference[(model, form)]["images_per_s"] > 0 for form in ("plain", "deploy"))
+    contmix_rows = {r["backend"]: r for r in result["contmix"]}
+    assert contmix_rows["fast"]["fwd_bwd_ms"] > 0 and contmix_rows["gather"]["fwd_bwd_ms"] > 0
     assert "| fast (slots reversed) |" in proc.stdout and "(expected FAIL)" in proc.stdout
