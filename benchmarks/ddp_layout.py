@@ -3,7 +3,7 @@
 Without it, PyTorch warns "Grad strides do not match bucket view strides" and copies every mismatched
 gradient into DDP's bucket on each step; with it the gradients arrive in the buckets' strides (a zero-copy
 view). Both variants train the same channels_last OverLoCK from the same weights; timed rounds alternate
-between them (aligned, plain, aligned, plain, ...) so that machine load hits both alike::
+between them in ABBA order (aligned, plain, plain, aligned, ...) so that machine load hits both alike::
 
     PYTHONPATH=. python benchmarks/ddp_layout.py [--size xt] [--image 96] [--batch 8] [--steps 6]
 """
@@ -64,8 +64,8 @@ def _worker(rank: int, port: int, args, out_dir: str) -> None:
             warnings.simplefilter("always")
             _step(*runs[name][:2], x, y)
         caught_by[name] = sum(MESSAGE in str(w.message) for w in caught)
-    for _ in range(args.rounds):
-        for name in ("aligned", "plain"):
+    for r in range(args.rounds):
+        for name in (("aligned", "plain") if r % 2 == 0 else ("plain", "aligned")):  # ABBA: drift hits both
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(args.steps):
