@@ -58,12 +58,15 @@ def _worker(rank: int, port: int, args, out_dir: str) -> None:
     y = torch.randint(0, 100, (args.batch,))
     runs = {name: _setup(args, name == "aligned") for name in ("aligned", "plain")}
     times = {name: [] for name in runs}
-    caught_by = {}
+    caught_by, copies = {}, {}
     for name in ("aligned", "plain"):  # warm-up; aligned first (PyTorch warns once per process)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _step(*runs[name][:2], x, y)
         caught_by[name] = sum(MESSAGE in str(w.message) for w in caught)
+        model = runs[name][0].module  # gradients DDP's reducer copies into its buckets on every step
+        copied = [p for p in model.parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+        copies[name] = (len(copied), sum(p.numel() * p.element_size() for p in copied))
     for r in range(args.rounds):
         for name in (("aligned", "plain") if r % 2 == 0 else ("plain", "aligned")):  # ABBA: drift hits both
             dist.barrier()
@@ -75,7 +78,8 @@ def _worker(rank: int, port: int, args, out_dir: str) -> None:
     dist.destroy_process_group()
     if rank == 0:
         result = {name: {"step_s_median": statistics.median(t), "step_s_all": t,
-                         "stride_warnings": caught_by[name], "hooked_params": runs[name][2]}
+                         "stride_warnings": caught_by[name], "hooked_params": runs[name][2],
+                         "copied_grads": copies[name][0], "copied_bytes": copies[name][1]}
                   for name, t in times.items()}
         with open(os.path.join(out_dir, "result.json"), "w") as fh:
             json.dump(result, fh)
@@ -101,12 +105,13 @@ def main(argv=None) -> int:
     print(f"DDP 2 workers (gloo, CPU), OverLoCK-{args.size}{' tiny' if args.tiny else ''}, {args.image} px, "
           f"batch {args.batch}/worker, channels_last, {args.threads} thread(s)/worker, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print("| variant | median step s | per-round step s | stride warnings | hooked params |")
-    print("|---|---|---|---|---|")
+    print("| variant | median step s | per-round step s | stride warnings | hooked params "
+          "| copied grads/step |")
+    print("|---|---|---|---|---|---|")
     for name, r in result.items():
         rounds = ", ".join(f"{t:.3f}" for t in r["step_s_all"])
         print(f"| {name} | {r['step_s_median']:.3f} | {rounds} | {r['stride_warnings']} | "
-              f"{r['hooked_params']} |")
+              f"{r['hooked_params']} | {r['copied_grads']} ({r['copied_bytes'] / 2**20:.2f} MiB) |")
     ratio = result["plain"]["step_s_median"] / result["aligned"]["step_s_median"]
     print(f"RATIO plain/aligned step time: {ratio:.3f}x")
     return 0

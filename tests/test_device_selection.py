@@ -90,3 +90,17 @@ def test_deploy_model_with_the_cuda_choices_computes_the_same(monkeypatch, train
     tol = 3e-2 if autocast else 1e-4
     error = (cuda_path_out.float() - cpu_out.float()).abs().max() / cpu_out.float().abs().max()
     assert error < tol
+
+
+def test_torch_compile_under_cpu_autocast_leaves_depthwise_to_pytorch():
+    """The fast path's fp32 detour under CPU autocast broke Dynamo ("Global autocast(cpu)_enabled state
+    changed while dynamo tracing"): while compiling under autocast the plain convolution is traced."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(8, 8, 7, padding=3, groups=8)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    compiled = torch.compile(lambda t: depthwise_forward(conv, t), backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad is not None
+    assert depthwise_path("cpu", "fast", False, True) == "fast"  # eager CPU keeps the fast formulation
