@@ -56,7 +56,8 @@ def _worker(rank: int, port: int, args, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     x = torch.randn(args.batch, 3, args.image, args.image).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,))
-    runs = {name: _setup(args, name == "aligned") for name in ("aligned", "plain")}
+    order = ("plain", "aligned") if args.build_plain_first else ("aligned", "plain")
+    runs = {name: _setup(args, name == "aligned") for name in order}  # construction order: a control
     times = {name: [] for name in runs}
     caught_by, copies = {}, {}
     for name in ("aligned", "plain"):  # warm-up; aligned first (PyTorch warns once per process)
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--build-plain-first", action="store_true",
+                    help="construct the plain DDP model before the aligned one (a control for order effects)")
     args = ap.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     print("| variant | median step s | per-round step s | stride warnings | hooked params "
           "| copied grads/step |")
     print("|---|---|---|---|---|---|")
-    for name, r in result.items():
+    for name in ("aligned", "plain"):
+        r = result[name]
         rounds = ", ".join(f"{t:.3f}" for t in r["step_s_all"])
         print(f"| {name} | {r['step_s_median']:.3f} | {rounds} | {r['stride_warnings']} | "
               f"{r['hooked_params']} | {r['copied_grads']} ({r['copied_bytes'] / 2**20:.2f} MiB) |")

@@ -27,24 +27,35 @@ def same_memory_layout(size, strides_a, strides_b) -> bool:
 
 def align_grad_strides(model: nn.Module) -> int:
     """Register, on every parameter with a size-1 dimension, a gradient hook that returns the incoming
-    gradient re-strided (a view, no copy) to the parameter's strides when only size-1 strides differ.
-    Call before or after wrapping in DDP; returns the number of parameters hooked (idempotent)."""
+    gradient re-strided (a view, no copy) to the parameter's strides when only size-1 strides differ (and
+    that removes itself after a first gradient that needs nothing). Call before or after wrapping in DDP;
+    returns the number of parameters hooked (idempotent)."""
     hooked = 0
     for param in model.parameters():
         if not param.requires_grad or 1 not in param.shape:
             continue
         if not getattr(param, "_overlock_grad_strides_hooked", False):
-            param.register_hook(_restride_hook(param))
+            _register(param)
             param._overlock_grad_strides_hooked = True
         hooked += 1
     return hooked
 
 
-def _restride_hook(param: torch.Tensor):
+def _register(param: torch.Tensor) -> None:
+    """The hook removes itself when the first gradient already has the parameter's strides (most do), so
+    that only the parameters whose backward picks the other layout pay a Python call per step."""
+    state = {"first": True}
+
     def hook(grad: torch.Tensor):
-        strides = param.stride()  # read per step: the parameter may have been re-laid out since
-        if grad.layout != torch.strided or grad.stride() == strides or grad.shape != param.shape \
-                or not same_memory_layout(grad.shape, grad.stride(), strides):
+        strides = param.stride()
+        if grad.layout != torch.strided or grad.shape != param.shape:
+            return None
+        if grad.stride() == strides:
+            if state["first"]:
+                handle.remove()
+            return None
+        state["first"] = False
+        if not same_memory_layout(grad.shape, grad.stride(), strides):
             return None
         return grad.as_strided(grad.shape, strides, grad.storage_offset())
-    return hook
+    handle = param.register_hook(hook)
