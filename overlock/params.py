@@ -227,7 +227,7 @@ class ComputeParams(_Section):
     precision: Precision = "fp32"
     threads: int | None = Field(None, ge=1)
     channels_last: bool = False
-    contmix_backend: Literal["auto", "gather", "fast", "natten"] = "auto"
+    contmix_backend: Literal["auto", "gather", "fast", "natten", "triton"] = "auto"  # triton: opt-in (README)
     # torch.compile (inductor) the pretraining model: opt-in, ~10% faster CPU steps after minutes of compiling
     compile: bool = False
 

@@ -23,7 +23,9 @@ Backends (``backend=`` keyword, else the one ``compute.configure`` set (``overlo
               covers most of it). Device-agnostic and ``torch.compile``-friendly;
   ``gather``  the plain reference: index gather of every window + einsum (autograd backward);
   ``unfold``  a naive ``F.unfold`` formulation (benchmark baseline);
-  ``natten``  natten 0.17.x ``natten.functional.na2d_av`` (CPU or CUDA; optional dependency).
+  ``natten``  natten 0.17.x ``natten.functional.na2d_av`` (CPU or CUDA; optional dependency);
+  ``triton``  Triton kernels (``contmix_triton``): CUDA without natten; CPU only through Triton's
+              interpreter (``TRITON_INTERPRET=1``, tests). Opt-in: not measured faster than ``fast`` on a GPU.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from overlock.backends import contmix_backend
 __all__ = ["na2d_av", "BACKENDS", "BACKEND_ENV_VAR"]
 
 BACKEND_ENV_VAR = "OVERLOCK_CONTMIX_BACKEND"
-BACKENDS = ("auto", "fast", "gather", "unfold", "natten")
+BACKENDS = ("auto", "fast", "gather", "unfold", "natten", "triton")
 
 IntPair = Union[int, Sequence[int]]
 
@@ -94,6 +96,12 @@ def _resolve_backend(backend: str | None, value: torch.Tensor, kernel: tuple[int
                          f"valid backends: {', '.join(BACKENDS)}")
     if name == "natten":
         _natten_na2d_av()  # raises with the reason when natten cannot be used
+    if name == "triton":
+        from .contmix_triton import triton_error
+        error = triton_error(value.device)
+        if error is not None:
+            raise RuntimeError(f"ContMix backend 'triton' is unavailable: {error}; "
+                               f"pick one of: {', '.join(b for b in BACKENDS if b != 'triton')}")
     if name == "auto":
         use_natten = value.is_cuda and min(kernel) > 1 and _natten_error() is None
         name = "natten" if use_natten else "fast"
@@ -155,8 +163,13 @@ def _natten_av(attn, value, kernel, dilation):
     return _natten_na2d_av()(attn.contiguous(), value.contiguous(), kernel, dilation)
 
 
+def _triton_av(attn, value, kernel, dilation):
+    from .contmix_triton import triton_av
+    return triton_av(attn, value, kernel, dilation)
+
+
 _IMPLEMENTATIONS: dict[str, Callable] = {"fast": _fast_av, "gather": _gather_av, "unfold": _unfold_av,
-                                         "natten": _natten_av}
+                                         "natten": _natten_av, "triton": _triton_av}
 
 
 # ------------------------------------------------------------------------------------------ window geometry

@@ -33,7 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["depthwise_conv2d", "depthwise_forward", "use_fast_depthwise", "DWCONV_ENV_VAR", "MIN_FAST_KERNEL"]
+__all__ = ["depthwise_conv2d", "depthwise_forward", "depthwise_path", "use_fast_depthwise", "DWCONV_ENV_VAR",
+           "MIN_FAST_KERNEL"]
 
 # Kernels spanning at least this many pixels (after dilation) take the fast path; 3x3 layers stay with
 # PyTorch (its oneDNN 3x3 backward is as fast as the forward).
@@ -46,7 +47,22 @@ _PREPAD_MIN_PADDING = 7
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
     """Whether ``depthwise_conv2d`` handles this convolution (CPU, depth-wise, stride 1, 'same' padding,
     spanning at least ``MIN_FAST_KERNEL`` pixels)."""
-    if x.device.type != "cpu" or x.dim() != 4 or groups != x.shape[1] or weight.shape[0] != groups:
+    return x.device.type == "cpu" and _fast_geometry(x, weight, stride, padding, dilation, groups)
+
+
+def depthwise_path(device_type: str, backend: str, tracing: bool, fast_geometry: bool) -> str:
+    """'fast' (this module's oneDNN formulations: CPU only) or 'torch' (the layer's own convolution: cuDNN
+    on CUDA, and what jit tracers/FLOP counters must see)."""
+    if backend not in ("fast", "torch"):
+        raise ValueError(f"unknown depth-wise conv backend {backend!r} (from ${DWCONV_ENV_VAR}); "
+                         f"valid: fast, torch")
+    if backend == "fast" and device_type == "cpu" and fast_geometry and not tracing:
+        return "fast"
+    return "torch"
+
+
+def _fast_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    if x.dim() != 4 or groups != x.shape[1] or weight.shape[0] != groups:
         return False
     if weight.shape[1] != 1 or tuple(stride) != (1, 1) or isinstance(padding, str):
         return False
@@ -126,11 +142,13 @@ def depthwise_forward(conv: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tens
     if weight is None:
         weight, bias = conv.weight, conv.bias
     backend = os.environ.get(DWCONV_ENV_VAR, "") or "fast"
-    if backend not in ("fast", "torch"):
-        raise ValueError(f"unknown depth-wise conv backend {backend!r} (from ${DWCONV_ENV_VAR}); "
-                         f"valid: fast, torch")
-    if backend != "fast" or torch.jit.is_tracing() or torch.jit.is_scripting() or conv.padding_mode != "zeros" \
-            or not use_fast_depthwise(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups):
+    geometry = conv.padding_mode == "zeros" and _fast_geometry(x, weight, conv.stride, conv.padding,
+                                                                 conv.dilation, conv.groups)
+    # jit tracers must see the plain conv; so must torch.compile under CPU autocast (its fp32 detour below
+    # trips Dynamo's global-state check: "Global autocast(cpu)_enabled state changed while dynamo tracing")
+    tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or (
+        torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu"))
+    if depthwise_path(x.device.type, backend, tracing, geometry) == "torch":
         return conv._conv_forward(x, weight, bias)  # also under jit tracing, so that fvcore & co. count it
     if torch.is_autocast_enabled("cpu"):
         # bf16 depth-wise kernels are slower than fp32 ones on CPU (no AMX/GEMM to gain): run them in the

@@ -35,7 +35,8 @@ from .blocks import (GRN, DilatedReparamBlock, ResDWConv, SEModule, Shortcut, fu
                      grn_response_scale)
 from .fast_conv import depthwise_forward
 
-__all__ = ["run_fused", "conv_with_activation", "grn_conv1x1", "onednn_post_ops_available"]
+__all__ = ["run_fused", "conv_with_activation", "grn_conv1x1", "onednn_post_ops_available", "fused_conv_path",
+           "gemm_in_place"]
 
 # Below this many output elements a residual add as a oneDNN post-op is slower than the separate add
 # (measured at batch 1: +25% on a [1, 340, 14, 14] output; -10% at batch 32).
@@ -66,16 +67,33 @@ def _is_activation(module: nn.Module) -> bool:
     return type(module) in _POST_OPS
 
 
+def fused_conv_path(device_type: str, grad_enabled: bool, onednn_available: bool, dtype: torch.dtype) -> str:
+    """'onednn' (one fused convolution + post-op call: CPU, float32/bfloat16, no autograd) or 'torch' (the
+    convolution, then the activation and the add as separate ops: CUDA, training, other dtypes)."""
+    if device_type == "cpu" and not grad_enabled and onednn_available and dtype in (torch.float32,
+                                                                                   torch.bfloat16):
+        return "onednn"
+    return "torch"
+
+
+def gemm_in_place(device_type: str, grad_enabled: bool, autocast_enabled: bool) -> bool:
+    """Whether ``grn_conv1x1`` may accumulate into a preallocated fp32 output (``baddbmm_``) or scale its
+    input in place: no autograd, and no autocast on the tensors' device (autocast does not cast in-place
+    ops: a bf16 input with fp32 weights would fail)."""
+    return not grad_enabled and not autocast_enabled
+
+
 def _onednn_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``(x, weight, bias)`` in the dtype the fused oneDNN kernel should run in, or None where it does not
     apply (off CPU, with autograd, other dtypes, no oneDNN)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or not onednn_post_ops_available():
+    if x.device.type != "cpu":  # autocast state is queried per device type: CPU only from here on
         return None
     if torch.is_autocast_enabled("cpu"):  # what autocast does to F.conv2d
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+    if weight.dtype != x.dtype or fused_conv_path(x.device.type, torch.is_grad_enabled(),
+                                                  onednn_post_ops_available(), x.dtype) != "onednn":
         return None
     return x, weight, bias
 
@@ -137,7 +155,7 @@ def grn_conv1x1(x: torch.Tensor, grn: GRN, conv: nn.Conv2d, overwrite_input: boo
     if grn.use_bias:
         bias = bias + weight @ grn.beta.flatten()
     out_channels, pixels = weight.shape[0], height * width
-    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    in_place = gemm_in_place(x.device.type, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
     if out_channels <= pixels and in_place and x.is_contiguous(memory_format=torch.channels_last):
         out = _accumulator(bias, shortcut, "rows", (batch, pixels, out_channels))
         if out is not None:

@@ -27,6 +27,7 @@ from overlock.training import checkpoints as ckpt
 from overlock.training import recipe
 from overlock.training.callbacks import TrainCallback, load_callbacks
 from overlock.training.loader import loader_settings, worker_cpus
+from overlock.training.ddp import align_grad_strides
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -223,6 +224,8 @@ class TrainingWorker:
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.precision, self.device) else None
         self.mixup = recipe.build_mixup(p, config["num_classes"])
         self.criterion = recipe.build_loss(p, self.mixup)
+        if self.world > 1:  # gradients in DDP's bucket strides: no per-step copies (overlock/training/ddp.py)
+            align_grad_strides(self.model)
         # DDP broadcasts rank 0's weights; torch.compile is opt-in (the first steps pay the compile time)
         self.ddp_model = ray.train.torch.prepare_model(self.model) if self.world > 1 else self.model
         if params.compute.compile:
