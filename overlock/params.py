@@ -166,7 +166,6 @@ class PretrainParams(_Section):
     # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, uint8 to the device; same
     # augmentation distribution, ~1.2-1.35x the images per core of timm's loader) | pil (timm's PIL path)
     train_decode: Literal["fast", "pil"] = "fast"
-    num_data_workers: int = Field(0, ge=0)
     # operational: hooks every Ray worker imports and calls ("module:name" or {target, kwargs}); tests use them
     callbacks: list[CallbackParams] = Field(default_factory=list)
 
