@@ -94,6 +94,11 @@ DATASETS = ("in", "root of the extracted datasets", "data/datasets")
 CLASSIFIER = ("in", "pretrain stage output", "models/classifier")
 DETECTOR = ("in", "finetune stage output", "models/detector")
 MODEL_CODE = ("overlock/models",)
+# calibrate and evaluate: loading and running the trained classifier and detector (overlock/inference)
+CLASSIFIER_AND_DETECTOR_CODE = (
+    "overlock/calibration", "overlock/evaluation", "overlock/inference", "overlock/metrics", "overlock/figures.py",
+    "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
+    "overlock/data/datasets.py", "overlock/detection", *MODEL_CODE)
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -153,9 +158,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      metrics=("metrics", "DVC metrics JSON", "metrics/calibrate.json"),
                      plots=("plots", "DVC plots directory", "plots/calibrate", True, "reliability.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "calibrate", "compute"),
-        code=("overlock/calibration", "overlock/evaluation", "overlock/inference", "overlock/metrics",
-              "overlock/figures.py", "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
-              "overlock/data/datasets.py", "overlock/detection", *MODEL_CODE),
+        code=CLASSIFIER_AND_DETECTOR_CODE,
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
     StageSpec(
         name="evaluate",
@@ -168,9 +171,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      plots=("plots", "DVC plots directory", "plots/evaluate", True, "per_class_accuracy.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "finetune.detector",
                        "finetune.schedule", "calibrate.bins", "evaluate", "compute"),
-        code=("overlock/evaluation", "overlock/calibration", "overlock/inference", "overlock/metrics",
-              "overlock/figures.py", "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
-              "overlock/data/datasets.py", "overlock/detection", "overlock/reference", *MODEL_CODE),
+        code=(*CLASSIFIER_AND_DETECTOR_CODE, "overlock/reference"),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
 )}
 
