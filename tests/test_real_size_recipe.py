@@ -138,7 +138,7 @@ def test_official_recipe_trains_at_224_on_real_size_images(ray_local, real_size_
                                                            monkeypatch):
     """A few real steps of the official recipe (RandAugment, erasing, mixup/cutmix, EMA, bf16) with a tiny
     OverLoCK through the pretrain stage, one Ray worker with one loader process."""
-    from overlock.tracking import stage_run
+    from overlock.pipeline.context import open_stage
     from overlock.training.pretrain import run_pretrain
     monkeypatch.setenv("OVERLOCK_REPO", str(tmp_path))
     tiny = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [16, 32, 32, 48], "sub_num_heads": [1, 2],
@@ -151,8 +151,8 @@ def test_official_recipe_trains_at_224_on_real_size_images(ray_local, real_size_
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register_models": False}})
     paths = {"data": real_size_classification, "out": tmp_path / "classifier", "metrics": tmp_path / "m.json",
              "plots": tmp_path / "plots"}
-    with stage_run("pretrain", params) as run:
-        summary = run_pretrain(params, run, **paths)
+    with open_stage("pretrain", params, **paths) as ctx:
+        summary = run_pretrain(ctx)
     history = json.loads((paths["out"] / "history.json").read_text())
     assert summary["epochs"] == 1 and history[-1]["step"] == 3  # max_steps_per_epoch steps of batch 8
     assert np.isfinite(history[-1]["train_loss"]) and np.isfinite(summary["final_val_top1"])
