@@ -1,4 +1,4 @@
-"""``overlock export --format onnx``: the classifier's deploy form as an ONNX model, checked with ONNX Runtime.
+"""``overlock export --format onnx``: the classifier's deploy form as ONNX, checked with ONNX Runtime.
 
 The exported graph is the re-parameterized classifier (``reparameterize(remove_aux_head=True)``: one large
 kernel per dilated block, no auxiliary head) with a dynamic batch dimension: input ``images`` float32
@@ -6,9 +6,9 @@ kernel per dilated block, no auxiliary head) with a dynamic batch dimension: inp
 
 - Exporter: ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript). Under ``torch.export``
   ``torch.compiler.is_compiling()`` is true, so the CPU-only oneDNN inference fusion
-  (``overlock.models.inference_fusion``) steps aside and the plain re-parameterized layers are traced: standard
-  ONNX Conv/MatMul/... that any runtime runs. ContMix is traced through a pure-PyTorch aggregation backend
-  (``EXPORT_CONTMIX_BACKEND``, overridable; never natten, which has no ONNX form).
+  (``overlock.models.inference_fusion``) steps aside and the plain re-parameterized layers are traced:
+  standard ONNX Conv/MatMul/... that any runtime runs. ContMix is traced through a pure-PyTorch aggregation
+  backend (``EXPORT_CONTMIX_BACKEND``, overridable; never natten, which has no ONNX form).
 - Check: ONNX Runtime's outputs against the PyTorch deploy form as it runs eagerly (fusion on), at two batch
   sizes other than the traced one; ``max |onnx - torch| <= ATOL + RTOL * max |torch|``, else the export fails
   and no file is left.
@@ -91,8 +91,9 @@ def load_deploy_classifier(checkpoint: str | os.PathLike, *, ema: bool = False) 
     directory, file = _checkpoint_paths(Path(checkpoint))
     if not (directory / "model.json").exists():
         raise ValueError(
-            f"{checkpoint} is not a pipeline classifier: no model.json in {directory} (the pretrain stage writes "
-            "model.json beside final.pth/best.pth; detector or official checkpoints cannot be exported here)")
+            f"{checkpoint} is not a pipeline classifier: no model.json in {directory} (the pretrain stage "
+            "writes model.json beside final.pth/best.pth; detector or official checkpoints cannot be "
+            "exported here)")
     info = read_classifier_info(directory)
     try:
         if file is None:
@@ -144,7 +145,8 @@ def read_temperature(calibration: str | os.PathLike) -> float:
     directory = path.parent if path.name == TEMPERATURE_FILE else path
     temperature = load_temperature(directory)
     if temperature is None:
-        raise FileNotFoundError(f"no {TEMPERATURE_FILE} at {path}: run `dvc repro calibrate` or drop --calibration")
+        raise FileNotFoundError(f"no {TEMPERATURE_FILE} at {path}: run `dvc repro calibrate` or drop "
+                                "--calibration")
     return temperature
 
 
@@ -174,12 +176,13 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {p.key: json.loads(p.value) if p.key in METADATA_JSON_KEYS else p.value for p in model.metadata_props}
+    return {p.key: json.loads(p.value) if p.key in METADATA_JSON_KEYS else p.value
+            for p in model.metadata_props}
 
 
 @contextlib.contextmanager
 def contmix_backend(name: str) -> Iterator[None]:
-    """Run ContMix through backend ``name`` inside the block (``$OVERLOCK_CONTMIX_BACKEND``, restored after)."""
+    """ContMix through backend ``name`` inside the block (``$OVERLOCK_CONTMIX_BACKEND``, restored after)."""
     from overlock.models.contmix import BACKEND_ENV_VAR
 
     old = os.environ.get(BACKEND_ENV_VAR)
@@ -246,14 +249,15 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[i
             expected = _logits(model(images)).float()
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
         if got.shape != expected.shape:
-            raise ExportError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)} at batch "
-                              f"{batch}")
+            raise ExportError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)} "
+                              f"at batch {batch}")
         max_abs = float((got - expected).abs().max())
         scale = float(expected.abs().max())
         rows.append({"batch": batch, "max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-12)})
         if not max_abs <= atol + rtol * scale:
-            raise ExportError(f"ONNX Runtime differs from PyTorch at batch {batch}: max |diff| {max_abs:.3g} > "
-                              f"{atol:g} + {rtol:g} * {scale:.3g}; the export is wrong (try --contmix gather)")
+            raise ExportError(f"ONNX Runtime differs from PyTorch at batch {batch}: max |diff| "
+                              f"{max_abs:.3g} > {atol:g} + {rtol:g} * {scale:.3g}; the export is wrong "
+                              "(try --contmix gather)")
     return rows
 
 
@@ -288,22 +292,23 @@ def export_classifier(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="overlock export",
-        description="Export the trained classifier's deploy form (dynamic batch) with its preprocessing, class "
-                    "names and temperature in the metadata, checked against PyTorch with ONNX Runtime.")
+        description="Export the trained classifier's deploy form (dynamic batch) with its preprocessing, "
+                    "class names and temperature in the metadata, checked against PyTorch with ONNX Runtime.")
     parser.add_argument("--checkpoint", default="models/classifier",
-                        help="pretrain output directory (model.json + final.pth, else best.pth) or one of its "
-                             ".pth files (default: models/classifier)")
+                        help="pretrain output directory (model.json + final.pth, else best.pth) or one of "
+                             "its .pth files (default: models/classifier)")
     parser.add_argument("--out", default="models/classifier.onnx", help="output file (default: %(default)s)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     parser.add_argument("--calibration", default=None,
-                        help="calibrate output directory or its temperature.json: the fitted temperature goes "
-                             "into the metadata (default: models/calibration when it has one)")
+                        help="calibrate output directory or its temperature.json: the fitted temperature "
+                             "goes into the metadata (default: models/calibration when it has one)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--contmix", default=EXPORT_CONTMIX_BACKEND, choices=EXPORTABLE_CONTMIX_BACKENDS,
                         help="ContMix aggregation traced into the graph (default: %(default)s)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                        help="compare ONNX Runtime with PyTorch at batch 1 and 3 before writing (default: on)")
+                        help="compare ONNX Runtime with PyTorch at batch 1 and 3 before writing "
+                             "(default: on)")
     return parser
 
 

@@ -17,15 +17,16 @@ import torch
 
 from overlock.calibration.temperature import save_temperature
 from overlock.models import create_overlock
-from overlock.onnx_export import (ExportError, check_onnx, load_deploy_classifier, main, onnx_metadata, ort_session,
-                                  read_onnx_metadata)
+from overlock.onnx_export import (ExportError, check_onnx, load_deploy_classifier, main, onnx_metadata,
+                                  ort_session, read_onnx_metadata)
 from overlock.training.checkpoints import write_classifier_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # 64 px: stage maps 16x16 down to 2x2 (below the ContMix kernels: the resize-and-pool path is exported too).
 TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 64, 96], sub_num_heads=[2, 2])
-CLASSES = [{"id": "n01", "name": "red fox"}, {"id": "n02", "name": "grey wolf"}, {"id": "n03", "name": "lynx"}]
+CLASSES = [{"id": "n01", "name": "red fox"}, {"id": "n02", "name": "grey wolf"},
+           {"id": "n03", "name": "lynx"}]
 DATA_CONFIG = {"input_size": [3, 64, 64], "crop_pct": 0.875, "interpolation": "bilinear",
                "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 TEMPERATURE = 1.7361
@@ -160,3 +161,41 @@ def test_bad_checkpoints_get_a_clear_error_and_no_output(case, exported, tmp_pat
     assert main(["--checkpoint", str(checkpoint), "--out", str(out), *extra]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))  # nothing partial
+
+
+def test_readme_onnxruntime_snippet_gives_the_pipelines_calibrated_probabilities(exported, tmp_path):
+    """The README's consumer code (onnxruntime + the metadata only) against the PyTorch pipeline's own
+    preprocessing (``eval_transform`` of model.json), weights and temperature."""
+    from PIL import Image
+
+    from overlock.evaluation.classification import eval_transform, load_classifier, read_classifier_info
+
+    paths = []
+    for i, size in enumerate([(90, 70), (50, 120)]):
+        rgb = np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+
+    # --- as in README "Deploy a classifier"
+    import onnxruntime as ort
+    from timm.data import create_transform
+
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    transform = create_transform(input_size=json.loads(meta["input_size"]), crop_pct=float(meta["crop_pct"]),
+                                 interpolation=meta["interpolation"], mean=json.loads(meta["mean"]),
+                                 std=json.loads(meta["std"]))
+    classes, temperature = json.loads(meta["classes"]), float(meta.get("temperature", 1.0))
+    images = np.stack([transform(Image.open(p).convert("RGB")).numpy() for p in paths])
+    logits = session.run(["logits"], {"images": images})[0] / temperature
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    # ---
+
+    info = read_classifier_info(exported["classifier"])
+    model = load_classifier(exported["classifier"])
+    pipeline = eval_transform(model, info)
+    with torch.no_grad():
+        expected = (model(torch.stack([pipeline(Image.open(p).convert("RGB")) for p in paths])) / TEMPERATURE)
+    np.testing.assert_allclose(probs, expected.softmax(1).numpy(), atol=1e-5)
+    assert classes == info.class_names and temperature == TEMPERATURE
