@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="brief smoke run: reduced architecture, 32 px, batch 4, 1 round; checks the script only")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                     help="add the ONNX Runtime row (exports the deploy form first; default: on)")
+    ap.add_argument("--goal-rows", action="store_true",
+                    help="only plain torch-dw, plain, reparam channels_last (and onnxruntime): a shorter run")
     ap.add_argument("--onnx-contmix", default="fast", choices=["fast", "gather", "unfold"],
                     help="ContMix backend traced into the ONNX graph (default: fast)")
     args = ap.parse_args(argv)
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
             "fp32"),
         Row("reparam channels_last bf16", copy.deepcopy(reparam), True, "bf16"),
     ]
+    if args.goal_rows:
+        rows = [r for r in rows if r.name in ("plain torch-dw", "plain", "reparam channels_last")]
     if args.compile:
         rows.append(Row("reparam channels_last compiled", copy.deepcopy(reparam), True, "fp32", compile=True))
     onnx_dir = tempfile.TemporaryDirectory(prefix="overlock-bench-onnx-")
