@@ -19,12 +19,17 @@ Rows (eval mode, ``torch.inference_mode()``, same weights, same images, interlea
   reparam cl bf16       the goal row under ``torch.autocast("cpu", torch.bfloat16)``
   reparam cl compiled   (``--compile`` only) the goal row under ``torch.compile`` (inductor, weights frozen);
                         its warm-up pass, compile included, is printed and excluded from the timed rounds
+  onnxruntime           the deploy form exported to ONNX (``overlock.onnx_export``: dynamic batch, ContMix
+                        traced through ``--onnx-contmix``) run by ONNX Runtime's CPU provider, intra-op
+                        threads = ``--threads``, NCHW input (``--no-onnx``: left out); export time printed.
+                        Issue 20's goal: ``reparam channels_last`` at least as fast at batch 1 and ``--batch``
 
 Best (minimum) time of the interleaved rounds per row (the machine is shared; interference only slows a
 pass down). Throughput at ``--batch`` (default 64) and latency at batch 1 (plain vs reparam channels_last,
-fp32/bf16). ContMix is the default (``auto`` -> ``fast`` on CPU) everywhere. Ratios are printed against both
-plain rows: ``plain torch-dw`` (stock kernels) and ``plain`` (our default kernels, the stricter one). The
-script also prints the largest logit difference of every row against the plain fp32 model.
+fp32/bf16, ONNX Runtime). ContMix is the default (``auto`` -> ``fast`` on CPU) everywhere (the ONNX graph:
+``--onnx-contmix``). Ratios are printed against both plain rows: ``plain torch-dw`` (stock kernels) and
+``plain`` (our default kernels, the stricter one), and the goal row against ONNX Runtime (> 1: ours faster).
+The script also prints the largest logit difference of every row against the plain fp32 model.
 
     .venv/bin/python benchmarks/inference.py             # XT, 224 px, batch 64, 2 threads
     .venv/bin/python benchmarks/inference.py --quick     # brief smoke run
@@ -36,6 +41,7 @@ import contextlib
 import copy
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -58,12 +64,50 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(inductor; ~1-2 min of compiling)")
     ap.add_argument("--quick", action="store_true",
                     help="brief smoke run: reduced architecture, 32 px, batch 4, 1 round; checks the script only")
+    ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                    help="add the ONNX Runtime row (exports the deploy form first; default: on)")
+    ap.add_argument("--goal-rows", action="store_true",
+                    help="only plain torch-dw, plain, reparam channels_last (and onnxruntime): a shorter run")
+    ap.add_argument("--onnx-contmix", default="fast", choices=["fast", "gather", "unfold"],
+                    help="ContMix backend traced into the ONNX graph (default: fast)")
     args = ap.parse_args(argv)
     args.overrides = {}
     if args.quick:
         args.img, args.batch, args.reps, args.latency_reps = 32, 4, 1, 1
         args.overrides = QUICK_ARCH
     return args
+
+
+class OrtRow:
+    """ONNX Runtime (CPU provider) on the exported deploy form; same interface as ``Row``."""
+
+    layout, precision, compiled = "NCHW", "fp32", False
+
+    def __init__(self, name: str, path: str, threads: int):
+        from overlock.onnx_export import ort_session
+
+        self.name, self.session = name, ort_session(path, threads)
+        self.times: list[float] = []
+        self.latency: list[float] = []
+        self.first_pass = 0.0
+
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
+        x = images.contiguous().numpy()
+        start = time.perf_counter()
+        out = self.session.run(["logits"], {"images": x})[0]
+        return torch.from_numpy(out), time.perf_counter() - start
+
+
+def export_onnx_row(reparam: torch.nn.Module, args, directory: str) -> OrtRow:
+    """Export ``reparam`` (a copy) as ``overlock export`` does and open an ONNX Runtime session on it."""
+    from overlock.onnx_export import export_onnx
+
+    path = os.path.join(directory, "deploy.onnx")
+    start = time.perf_counter()
+    export_onnx(copy.deepcopy(reparam), path, (3, args.img, args.img), contmix=args.onnx_contmix)
+    print(f"ONNX export (dynamo, ContMix {args.onnx_contmix}): {time.perf_counter() - start:.1f} s, "
+          f"{os.path.getsize(path) / 1e6:.1f} MB", flush=True)
+    return OrtRow("onnxruntime", path, args.threads)
 
 
 class Row:
@@ -134,8 +178,13 @@ def main(argv=None) -> int:
             "fp32"),
         Row("reparam channels_last bf16", copy.deepcopy(reparam), True, "bf16"),
     ]
+    if args.goal_rows:
+        rows = [r for r in rows if r.name in ("plain torch-dw", "plain", "reparam channels_last")]
     if args.compile:
         rows.append(Row("reparam channels_last compiled", copy.deepcopy(reparam), True, "fp32", compile=True))
+    onnx_dir = tempfile.TemporaryDirectory(prefix="overlock-bench-onnx-")
+    if args.onnx:
+        rows.append(export_onnx_row(reparam, args, onnx_dir.name))
     n_plain = sum(p.numel() for p in plain.parameters()) / 1e6
     n_rep = sum(p.numel() for p in reparam.parameters()) / 1e6
     print(f"OverLoCK-{args.size.upper()} inference: batch {args.batch}, {args.img}px, {args.threads} threads, "
@@ -159,7 +208,7 @@ def main(argv=None) -> int:
 
     single = images[:1]
     latency_rows = [r for r in rows if r.name in ("plain torch-dw", "plain", "reparam channels_last",
-                                                           "reparam channels_last bf16")]
+                                                           "reparam channels_last bf16", "onnxruntime")]
     for row in latency_rows:
         row.run(single)  # warm-up at this shape
     for _ in range(args.latency_reps):
@@ -185,6 +234,13 @@ def main(argv=None) -> int:
         print(f"RATIO {row.name} vs plain: {plain_time / min(row.times):.2f}x img/s at batch {args.batch}")
     for row in latency_rows[1:]:
         print(f"RATIO {row.name} vs plain torch-dw: {base_lat / min(row.latency):.2f}x batch-1 latency")
+    goal = next(r for r in rows if r.name == "reparam channels_last")
+    ort_rows = [r for r in rows if isinstance(r, OrtRow)]
+    for row in ort_rows:
+        print(f"RATIO {goal.name} vs {row.name}: {min(row.times) / min(goal.times):.2f}x img/s at batch "
+              f"{args.batch}")
+        print(f"RATIO {goal.name} vs {row.name}: {min(row.latency) / min(goal.latency):.2f}x batch-1 latency")
+    onnx_dir.cleanup()
     for row in rows:
         if row.compiled:
             print(f"COMPILE {row.name}: first pass {row.first_pass:.1f} s (compile time "

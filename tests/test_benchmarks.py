@@ -47,6 +47,10 @@ def test_inference_benchmark_quick_reports_ratios():
     assert re.search(r"^RATIO reparam channels_last vs plain: \d+\.\d+x img/s at batch 4$", out, re.M), out
     assert re.search(r"^RATIO reparam channels_last bf16 vs plain torch-dw: \d+\.\d+x batch-1 latency$", out, re.M), out
     assert "fp32 rows agree with the plain model" in out
+    # the exported deploy form in ONNX Runtime, same images (its logits are in the fp32 agreement above)
+    assert re.search(r"^\| onnxruntime \| NCHW \| fp32 \|", out, re.M), out
+    for unit in ("img/s at batch 4", "batch-1 latency"):
+        assert re.search(rf"^RATIO reparam channels_last vs onnxruntime: \d+\.\d+x {unit}$", out, re.M), out
 
 
 @pytest.mark.bench

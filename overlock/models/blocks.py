@@ -225,11 +225,12 @@ def spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
 
     For a channels_last tensor, computed per sample as the column sums of squares of its [H*W, C] rows:
     PyTorch's norm kernel reduces channels_last tensors over H, W 5-15x slower than contiguous ones
-    (measured at the OverLoCK-XT GRN shapes, benchmarks/RESULTS.md). Under jit tracing always the plain norm.
+    (measured at the OverLoCK-XT GRN shapes, benchmarks/RESULTS.md). Under jit tracing, torch.compile and
+    torch.export (ONNX) always the plain norm (the per-sample loop would fix the batch size).
     """
     batch, channels = x.shape[:2]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            and not torch.jit.is_tracing():
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
         rows = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # a view
         squares = torch.stack([sample.square().sum(dim=0) for sample in rows.unbind(0)])
         return squares.sqrt_().view(batch, channels, 1, 1)
