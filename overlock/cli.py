@@ -18,18 +18,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="overlock", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="overlock-pipeline: OverLoCK from raw data to a calibrated, evaluated model.",
         epilog="stages (run all with `dvc repro`):\n" + "\n".join(f"  {k:<10} {v.help}" for k, v in STAGES.items())
-        + "\n\nother commands:\n  predict    print calibrated top-k classes for images\n\n"
+        + "\n\nother commands:\n  predict    print calibrated top-k classes for images\n"
+          "  export     export the deploy form of a trained classifier (--format onnx), checked with ONNX Runtime\n\n"
           "`overlock <stage> --help` shows a stage's options.")
-    parser.add_argument("command", choices=[*STAGES, "predict"], help="stage or command")
+    commands = {"predict": "overlock.evaluation.predict:main", "export": "overlock.onnx_export:main"}
+    parser.add_argument("command", choices=[*STAGES, *commands], help="stage or command")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "predict":
-        from overlock.evaluation.predict import main as predict_main
-        return predict_main(rest)
+    if command in commands:
+        import importlib
+        module, _, function = commands[command].partition(":")
+        return getattr(importlib.import_module(module), function)(rest)
     if command not in STAGES:
-        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, 'predict'])}")
+        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, *commands])}")
     from overlock.pipeline.runner import run_stage
     return run_stage(command, rest, prog=f"overlock {command}")
 

@@ -22,7 +22,6 @@ kernel per dilated block, no auxiliary head) with a dynamic batch dimension: inp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -30,10 +29,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
+
+from overlock.backends import contmix_backend_override
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def load_deploy_classifier(checkpoint: str | os.PathLike, *, ema: bool = False) 
     """The pipeline classifier at ``checkpoint`` (a pretrain output directory: ``final.pth``, else
     ``best.pth``; or one of those files, with ``model.json`` beside it) in eval mode, re-parameterized without
     its auxiliary head. Raises ``FileNotFoundError``/``ValueError`` naming the problem for anything else."""
-    from overlock.evaluation.classification import build_classifier, read_checkpoint, read_classifier_info
+    from overlock.inference.classifier import build_classifier, read_checkpoint, read_classifier_info
 
     directory, file = _checkpoint_paths(Path(checkpoint))
     if not (directory / "model.json").exists():
@@ -139,7 +140,7 @@ def _resolved_data_config(info, model: nn.Module) -> dict:
 
 def read_temperature(calibration: str | os.PathLike) -> float:
     """The fitted temperature of a calibrate output directory or its ``temperature.json`` (must exist)."""
-    from overlock.calibration.temperature import TEMPERATURE_FILE, load_temperature
+    from overlock.inference.calibrated import TEMPERATURE_FILE, load_temperature
 
     path = Path(calibration)
     directory = path.parent if path.name == TEMPERATURE_FILE else path
@@ -180,22 +181,6 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
             for p in model.metadata_props}
 
 
-@contextlib.contextmanager
-def contmix_backend(name: str) -> Iterator[None]:
-    """ContMix through backend ``name`` inside the block (``$OVERLOCK_CONTMIX_BACKEND``, restored after)."""
-    from overlock.models.contmix import BACKEND_ENV_VAR
-
-    old = os.environ.get(BACKEND_ENV_VAR)
-    os.environ[BACKEND_ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV_VAR, None)
-        else:
-            os.environ[BACKEND_ENV_VAR] = old
-
-
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int], *,
                 metadata: dict[str, str] | None = None, opset: int = DEFAULT_OPSET,
                 contmix: str = EXPORT_CONTMIX_BACKEND) -> Path:
@@ -208,7 +193,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     example = torch.randn(TRACE_BATCH, *input_size)
     batch = torch.export.Dim("batch", min=1)
     try:
-        with contmix_backend(contmix), torch.no_grad():
+        with contmix_backend_override(contmix), torch.no_grad():
             program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset,
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         dynamic_shapes=({0: batch},), optimize=True, verbose=False)

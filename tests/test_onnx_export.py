@@ -168,7 +168,7 @@ def test_readme_onnxruntime_snippet_gives_the_pipelines_calibrated_probabilities
     preprocessing (``eval_transform`` of model.json), weights and temperature."""
     from PIL import Image
 
-    from overlock.evaluation.classification import eval_transform, load_classifier, read_classifier_info
+    from overlock.inference.classifier import eval_transform, load_classifier, read_classifier_info
 
     paths = []
     for i, size in enumerate([(90, 70), (50, 120)]):
