@@ -281,14 +281,23 @@ def attach_run(uri: str, run_id: str) -> StageRun:
     return StageRun(uri, run_id)
 
 
-def _experiment_id(client, name: str) -> str:
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (``<db dir>/mlartifacts``), so they
+    follow the store wherever the stage runs (MLflow's default, ``./mlruns`` of the current directory, would
+    put them into a Ray job's throw-away working-dir copy or a test's cwd); None (MLflow's choice) otherwise."""
+    if uri.startswith("sqlite:////"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def _experiment_id(client, name: str, uri: str = "") -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
 
@@ -330,7 +339,7 @@ def start_stage(stage: str, params: Params, resume_key: str | None = None,
     root = root or repo_root()
     uri = tracking_uri(params, root)
     client = _client(uri)
-    exp_id = _experiment_id(client, params.tracking.experiment)
+    exp_id = _experiment_id(client, params.tracking.experiment, uri)
     key = pipeline_key(root)
     commit, dirty = git_state(root)
     exp_name = dvc_experiment_name()

@@ -117,3 +117,19 @@ def test_default_uri_is_absolute_sqlite_at_repo_root(repo):
     assert tracking.tracking_uri(parse_params({}), repo) == f"sqlite:///{repo.resolve()}/mlflow.db"
     rel = parse_params({"tracking": {"uri": "sqlite:///runs/m.db"}})
     assert tracking.tracking_uri(rel, repo) == f"sqlite:///{repo.resolve()}/runs/m.db"
+
+
+def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(repo, tmp_path_factory,
+                                                                             monkeypatch):
+    """A stage run from another directory (a Ray job's working-dir copy, a test) logs its artifacts next to the
+    store: MLflow's default would write ./mlruns into whatever directory the process runs in."""
+    store_dir = tmp_path_factory.mktemp("store")
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(elsewhere)
+    params = parse_params({"tracking": {"uri": f"sqlite:///{store_dir / 'mlflow.db'}", "experiment": "art"}})
+    note = repo / "note.txt"
+    note.write_text("hello")
+    with tracking.stage_run("download", params) as run:
+        run.log_artifact(note, "notes")
+    assert list(store_dir.glob("mlartifacts/**/notes/note.txt")), sorted(store_dir.rglob("*"))
+    assert not (elsewhere / "mlruns").exists()
