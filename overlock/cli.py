@@ -28,9 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in commands:
-        import importlib
-        module, _, function = commands[command].partition(":")
-        return getattr(importlib.import_module(module), function)(rest)
+        from overlock.catalog import load_object
+        return load_object(commands[command])(rest)
     if command not in STAGES:
         parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, *commands])}")
     from overlock.pipeline.runner import run_stage

@@ -87,7 +87,7 @@ def load_deploy_classifier(checkpoint: str | os.PathLike, *, ema: bool = False) 
     """The pipeline classifier at ``checkpoint`` (a pretrain output directory: ``final.pth``, else
     ``best.pth``; or one of those files, with ``model.json`` beside it) in eval mode, re-parameterized without
     its auxiliary head. Raises ``FileNotFoundError``/``ValueError`` naming the problem for anything else."""
-    from overlock.inference.classifier import build_classifier, read_checkpoint, read_classifier_info
+    from overlock.inference.classifier import load_classifier, read_checkpoint, read_classifier_info
 
     directory, file = _checkpoint_paths(Path(checkpoint))
     if not (directory / "model.json").exists():
@@ -109,24 +109,16 @@ def load_deploy_classifier(checkpoint: str | os.PathLike, *, ema: bool = False) 
     if not isinstance(payload, dict) or not payload.get(key):
         raise ValueError(f"{file} has no {key!r}: it is not a pretrain-stage classifier checkpoint"
                          + (" (or was trained without EMA: drop --ema)" if ema else ""))
-    model = build_classifier(info)
     try:
-        _load_weights(model, payload, key)
+        model = load_classifier(directory, ema=ema, checkpoint=payload)  # built from model.json, eval mode
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"{file} does not match the classifier described by {directory / 'model.json'} "
                          f"({info.timm_name}): {err}") from None
-    model.eval()
     if hasattr(model, "reparameterize"):
         model.reparameterize(remove_aux_head=True)
     return DeployClassifier(model=model, data_config=_resolved_data_config(info, model),
                             class_names=info.class_names, timm_name=info.timm_name,
                             model_kwargs=info.model_kwargs, checkpoint=Path(file), weights=key)
-
-
-def _load_weights(model: nn.Module, payload: dict, key: str) -> None:
-    from overlock.models.checkpoint import load_official_checkpoint
-
-    load_official_checkpoint(model, payload, state_dict_key=key)
 
 
 def _resolved_data_config(info, model: nn.Module) -> dict:

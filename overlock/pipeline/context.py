@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from overlock.backends import contmix_backend, set_contmix_backend
+from overlock.catalog import load_object
 from overlock.compute import configure, repo_root
 from overlock.params import Params
 from overlock.pipeline.spec import KERNEL_CODE, STAGES, StageSpec, result_values
@@ -31,12 +31,6 @@ from overlock.state import STATE_ROOT, staged_dir, write_csv_atomic
 from overlock.tracking import StageRun, stage_run
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding overlock/ (and stages/, pipelines/)
-
-
-def resolve(target: str) -> Callable:
-    """The object named by ``"module:attr"``."""
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def code_digest(paths: tuple[str, ...], root: Path = SOURCE_ROOT) -> str:
@@ -81,7 +75,7 @@ class StageContext:
         key: dict[str, Any] = {"params": result_values(spec, self.params.model_dump(mode="json")),
                                "code": code_digest((spec.entry, *KERNEL_CODE, *spec.code))}
         if spec.resume_inputs:
-            key["inputs"] = resolve(spec.resume_inputs)(self.params, **self.paths)
+            key["inputs"] = load_object(spec.resume_inputs)(self.params, **self.paths)
         return key
 
     @cached_property
@@ -110,7 +104,7 @@ class StageContext:
 
     def call(self) -> Any:
         """Run the stage's function on this context."""
-        fn = resolve(self.spec.function)
+        fn = load_object(self.spec.function)
         if self.spec.takes_context:
             return fn(self)
         return fn(self.params, self.run, **self.paths)

@@ -8,10 +8,11 @@ The tests' fault injection (kill a worker mid-epoch, poison the loss) is written
 """
 from __future__ import annotations
 
-import importlib
 from typing import Iterable
 
 import torch
+
+from overlock.catalog import load_object
 
 
 class TrainCallback:
@@ -52,9 +53,8 @@ def load_callbacks(specs: Iterable[dict]) -> Callbacks:
     """Build callbacks from ``[{"target": "module:name", "kwargs": {...}}]`` (``pretrain.callbacks``)."""
     built = []
     for spec in specs:
-        module, _, name = spec["target"].partition(":")
         try:
-            factory = getattr(importlib.import_module(module), name)
+            factory = load_object(spec["target"])
         except (ImportError, AttributeError) as err:
             raise ImportError(f"pretrain.callbacks: cannot import {spec['target']!r} ({err}); the module must be "
                               "importable in every Ray worker (e.g. on its PYTHONPATH)") from err
