@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -252,8 +251,7 @@ def export_classifier(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     temperature = read_temperature(calibration) if calibration is not None else None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(out.with_name(f".{out.name}.tmp{os.getpid()}"))  # as overlock.state's atomic writers name it
     try:
         input_size = classifier.data_config["input_size"]
         export_onnx(classifier.model, tmp, input_size, metadata=onnx_metadata(classifier, temperature),
