@@ -18,7 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="overlock", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="overlock-pipeline: OverLoCK from raw data to a calibrated, evaluated model.",
         epilog="stages (run all with `dvc repro`):\n" + "\n".join(f"  {k:<10} {v.help}" for k, v in STAGES.items())
-        + "\n\nother commands:\n  predict    print calibrated top-k classes for images\n"
+        + "\n\nother commands:\n"
+          "  predict    calibrated top-k classes (--task detect: detections) of image files, dirs, globs\n"
           "  export     export the deploy form of a trained classifier (--format onnx), checked with ONNX Runtime\n\n"
           "`overlock <stage> --help` shows a stage's options.")
     commands = {"predict": "overlock.evaluation.predict:main", "export": "overlock.onnx_export:main"}

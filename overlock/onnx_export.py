@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from overlock.backends import contmix_backend_override
+from overlock.inference.deploy import DeployClassifier, load_deploy_classifier, read_temperature
 
 log = logging.getLogger(__name__)
 
@@ -56,90 +56,6 @@ METADATA_JSON_KEYS = ("input_size", "mean", "std", "crop_pct", "classes", "tempe
 
 class ExportError(RuntimeError):
     """The export could not be done or did not pass its check (the message names the problem and the fix)."""
-
-
-@dataclass
-class DeployClassifier:
-    """A pipeline classifier in its deploy form, with what a consumer needs to preprocess and calibrate."""
-
-    model: nn.Module
-    data_config: dict  # timm: input_size, crop_pct, interpolation, mean, std
-    class_names: list[str]
-    timm_name: str
-    model_kwargs: dict
-    checkpoint: Path
-    weights: str  # "state_dict" or "state_dict_ema"
-
-
-def _checkpoint_paths(checkpoint: Path) -> tuple[Path, Path | None]:
-    """(classifier directory with model.json, checkpoint file or None for the directory's default)."""
-    if not checkpoint.exists():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint} does not exist: pass the pretrain output directory (models/classifier) "
-            "or one of its .pth files (run `dvc repro pretrain` first)")
-    if checkpoint.is_dir():
-        return checkpoint, None
-    return checkpoint.parent, checkpoint
-
-
-def load_deploy_classifier(checkpoint: str | os.PathLike, *, ema: bool = False) -> DeployClassifier:
-    """The pipeline classifier at ``checkpoint`` (a pretrain output directory: ``final.pth``, else
-    ``best.pth``; or one of those files, with ``model.json`` beside it) in eval mode, re-parameterized without
-    its auxiliary head. Raises ``FileNotFoundError``/``ValueError`` naming the problem for anything else."""
-    from overlock.inference.classifier import load_classifier, read_checkpoint, read_classifier_info
-
-    directory, file = _checkpoint_paths(Path(checkpoint))
-    if not (directory / "model.json").exists():
-        raise ValueError(
-            f"{checkpoint} is not a pipeline classifier: no model.json in {directory} (the pretrain stage "
-            "writes model.json beside final.pth/best.pth; detector or official checkpoints cannot be "
-            "exported here)")
-    info = read_classifier_info(directory)
-    try:
-        if file is None:
-            payload, file = read_checkpoint(directory)
-        else:
-            payload = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # pickle/zip errors of a file that is not a torch checkpoint
-        raise ValueError(f"{file or directory} is not a readable PyTorch checkpoint: {err}") from None
-    key = "state_dict_ema" if ema else "state_dict"
-    if not isinstance(payload, dict) or not payload.get(key):
-        raise ValueError(f"{file} has no {key!r}: it is not a pretrain-stage classifier checkpoint"
-                         + (" (or was trained without EMA: drop --ema)" if ema else ""))
-    try:
-        model = load_classifier(directory, ema=ema, checkpoint=payload)  # built from model.json, eval mode
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"{file} does not match the classifier described by {directory / 'model.json'} "
-                         f"({info.timm_name}): {err}") from None
-    if hasattr(model, "reparameterize"):
-        model.reparameterize(remove_aux_head=True)
-    return DeployClassifier(model=model, data_config=_resolved_data_config(info, model),
-                            class_names=info.class_names, timm_name=info.timm_name,
-                            model_kwargs=info.model_kwargs, checkpoint=Path(file), weights=key)
-
-
-def _resolved_data_config(info, model: nn.Module) -> dict:
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config(dict(info.data_config), model=model)
-    return {"input_size": [int(v) for v in config["input_size"]], "crop_pct": float(config["crop_pct"]),
-            "interpolation": str(config["interpolation"]), "mean": [float(v) for v in config["mean"]],
-            "std": [float(v) for v in config["std"]]}
-
-
-def read_temperature(calibration: str | os.PathLike) -> float:
-    """The fitted temperature of a calibrate output directory or its ``temperature.json`` (must exist)."""
-    from overlock.inference.calibrated import TEMPERATURE_FILE, load_temperature
-
-    path = Path(calibration)
-    directory = path.parent if path.name == TEMPERATURE_FILE else path
-    temperature = load_temperature(directory)
-    if temperature is None:
-        raise FileNotFoundError(f"no {TEMPERATURE_FILE} at {path}: run `dvc repro calibrate` or drop "
-                                "--calibration")
-    return temperature
 
 
 def onnx_metadata(classifier: DeployClassifier, temperature: float | None = None) -> dict[str, str]:

@@ -214,40 +214,32 @@ class StageRun:
             mlflow.end_run()  # marks FINISHED; the stage's own finish() decides the final status
             self.client.update_run(self.run_id, status="RUNNING")
 
-    def log_pytorch_model(self, model, name: str, registered_name: str | None = None,
-                          alias: str = "latest-pipeline", input_example=None, **log_model_kwargs) -> str | None:
-        """Log a torch model as an MLflow model; register it (with ``alias``) when ``registered_name``.
+    def log_pyfunc_model(self, name: str, python_model, *, artifacts: dict[str, str], code_paths: list[str],
+                         input_example, pip_requirements: list[str], registered_name: str | None = None,
+                         alias: str = "latest-pipeline", tags: dict[str, str] | None = None) -> str | None:
+        """Log an MLflow pyfunc model (``python_model``: a ``mlflow.pyfunc.PythonModel``) into this run; its
+        signature is inferred by running it on ``input_example`` (a DataFrame, or (DataFrame, params)).
+        Register it as ``registered_name`` with ``alias`` and ``tags`` on the version; returns the version."""
+        import sys
 
-        ``log_model_kwargs`` go to ``mlflow.pytorch.log_model`` (e.g. ``pip_requirements`` skips the slow
-        requirement inference)."""
         import mlflow
+        path = list(sys.path)
         with self.active():
-            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example, **log_model_kwargs)
-        if registered_name:
-            return self.register(info.model_uri, registered_name, alias)
-        return None
+            info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=artifacts,
+                                           code_paths=code_paths, input_example=input_example,
+                                           pip_requirements=pip_requirements, tags=tags)
+        sys.path[:] = path  # loading the example puts the model's (temporary) code/ first on the path
+        if not registered_name:
+            return None
+        version = self.register(info.model_uri, registered_name, alias)
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(registered_name, version, key, str(value))
+        return version
 
     def register(self, model_uri: str, registered_name: str, alias: str = "latest-pipeline") -> str:
         """Register ``model_uri`` in the model registry and point ``alias`` at the new version."""
         import mlflow
         mv = mlflow.register_model(model_uri, registered_name)
-        self.client.set_registered_model_alias(registered_name, alias, mv.version)
-        self.set_tags({f"registered.{registered_name}": mv.version})
-        return str(mv.version)
-
-    def register_artifacts(self, artifact_path: str, registered_name: str, alias: str = "latest-pipeline") -> str:
-        """Register a logged artifact directory (e.g. a checkpoint + config, no MLflow flavor) as a version.
-
-        MLflow 3's ``register_model("runs:/...")`` only accepts logged models, so the version is created from
-        the run's artifact location directly. Returns the version.
-        """
-        from mlflow.exceptions import MlflowException
-        try:
-            self.client.get_registered_model(registered_name)
-        except MlflowException:
-            self.client.create_registered_model(registered_name)
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        mv = self.client.create_model_version(registered_name, source, run_id=self.run_id)
         self.client.set_registered_model_alias(registered_name, alias, mv.version)
         self.set_tags({f"registered.{registered_name}": mv.version})
         return str(mv.version)

@@ -2,7 +2,9 @@
 
 Outputs (written to a staging directory, then moved into place): ``<out>/temperature.json``,
 ``<out>/detector_calibration.json``, reliability diagrams (PNG); ``<metrics>`` (DVC metrics JSON) and
-``<plots>/reliability.csv`` (confidence, accuracy, count, when — validation split, before/after).
+``<plots>/reliability.csv`` (confidence, accuracy, count, when — validation split, before/after). With
+``tracking.register_models`` it registers the classifier and the detector, with the calibration just fitted,
+as MLflow pyfunc models that serve (``overlock.serving``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import TYPE_CHECKING
 from overlock.calibration.detection import DETECTOR_CALIBRATION_FILE, calibrate_detector
 from overlock.calibration.temperature import fit_temperature, save_temperature
 from overlock.inference.calibrated import apply_temperature
+from overlock.inference.detector import detector_skip_reason
 from overlock.metrics.calibration import classification_calibration, reliability_bins, top1_confidence
 from overlock.params import Params
+from overlock.serving.package import register_served_models
 from overlock.state import write_json_atomic
 from overlock.tracking import write_metrics_file
 
@@ -103,6 +107,9 @@ def run_calibrate(ctx: "StageContext") -> dict:
     for path in sorted(ctx["out"].iterdir()):
         run.log_artifact(path, "calibration")
     run.log_artifact(ctx["plots"] / RELIABILITY_CSV, "plots")
+    if params.tracking.register_models:
+        register_served_models(run, ctx["classifier"], ctx["detector"], ctx["out"],
+                               detector_ready=detector_skip_reason(params, ctx["detector"], data) is None)
     log.info(
         "temperature %.3f; val ECE %.4f -> %.4f, NLL %.4f -> %.4f",
         result["temperature"],

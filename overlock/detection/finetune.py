@@ -12,7 +12,8 @@ metrics, plots):
    ``finetune.mode: evaluate`` — loads a detector checkpoint (e.g. an official Mask R-CNN release);
 3. evaluates on val with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l), writes the DVC metrics, the loss
    curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``)
-   through a staging dir, logs metrics/artifacts to MLflow and registers ``overlock-detector``.
+   through a staging dir and logs metrics/artifacts to MLflow (the calibrate stage registers the detector,
+   with its fitted score calibration, as the pyfunc model ``overlock-detector``: ``overlock.serving``).
 
 ``finetune.launcher: pytorch`` runs the training under ``torchrun`` on every visible GPU
 (``python -m overlock.detection.finetune worker ...``), with rank 0 logging into the same MLflow run.
@@ -47,9 +48,8 @@ if TYPE_CHECKING:  # the kernel is above this package: only its type is named he
 log = logging.getLogger(__name__)
 
 __all__ = ["run_finetune", "input_fingerprint", "check_inputs", "read_classes", "latest_checkpoint",
-           "init_backbone", "evaluate_detector", "COCO_METRICS", "REGISTERED_NAME"]
+           "init_backbone", "evaluate_detector", "COCO_METRICS"]
 
-REGISTERED_NAME = "overlock-detector"
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
 
@@ -350,9 +350,6 @@ def _publish(ctx: "StageContext", cfg, work_dir: Path, result: dict) -> None:
         run.log_artifact(last, "checkpoints/last")
     for best in sorted(work_dir.glob("best_*.pth")):
         run.log_artifact(best, "checkpoints/best")
-    if params.tracking.register_models:
-        version = run.register_artifacts("detector", REGISTERED_NAME)
-        log.info("registered %s version %s", REGISTERED_NAME, version)
 
 
 # ---------------------------------------------------------------------------------------- entry points

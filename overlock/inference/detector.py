@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 __all__ = ["DETECTOR_FILES", "detection_splits", "mmdet_available", "detector_skip_reason", "load_coco",
-           "load_detector", "predict_coco"]
+           "load_detector", "predict_coco", "detections_of", "DetectorPredictor"]
 
 DETECTOR_FILES = ("detector.pth", "config.py")
 
@@ -90,27 +90,90 @@ def predict_coco(
 ) -> dict[str, list[dict]]:
     """COCO-format results {"bbox": [...], "segm": [...]} of ``model`` on the images of ``coco``."""
     from mmdet.apis import inference_detector
-    from pycocotools import mask as mask_utils
 
     cat_ids = _category_ids(model, coco)
     out: dict[str, list[dict]] = {"bbox": [], "segm": []}
     for image_id in tqdm(image_ids or coco.getImgIds(), desc=desc, leave=False):
         info = coco.loadImgs([image_id])[0]
         result = inference_detector(model, str(Path(img_prefix) / info["file_name"]))
-        boxes, masks = result if isinstance(result, tuple) else (result, None)
-        if isinstance(masks, tuple):  # (segms, mask scores) in some heads
-            masks = masks[0]
-        for k, per_class in enumerate(boxes):
-            for j, (x1, y1, x2, y2, score) in enumerate(np.asarray(per_class)):
-                det = {
-                    "image_id": image_id,
-                    "category_id": cat_ids[k],
-                    "score": float(score),
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                }
-                out["bbox"].append(det)
-                if masks is not None and len(masks[k]) > j:
-                    rle = mask_utils.encode(np.asfortranarray(np.asarray(masks[k][j], dtype=np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    out["segm"].append({**det, "segmentation": rle})
+        for det in detections_of(result, with_masks=True):
+            x1, y1, x2, y2 = det["bbox"]
+            coco_det = {"image_id": image_id, "category_id": cat_ids[det["label_id"]], "score": det["score"],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            out["bbox"].append(coco_det)
+            if "mask" in det:
+                out["segm"].append({**coco_det, "segmentation": det["mask"]})
     return out
+
+
+def detections_of(result, with_masks: bool = True) -> list[dict]:
+    """mmdet's result of one image as ``[{"bbox": [x1, y1, x2, y2], "label_id", "score", "mask": RLE}]``
+    (``mask`` only for a mask head: COCO RLE with ``counts`` as an ASCII string)."""
+    from pycocotools import mask as mask_utils
+
+    boxes, masks = result if isinstance(result, tuple) else (result, None)
+    if isinstance(masks, tuple):  # (segms, mask scores) in some heads
+        masks = masks[0]
+    dets = []
+    for k, per_class in enumerate(boxes):
+        for j, (x1, y1, x2, y2, score) in enumerate(np.asarray(per_class)):
+            det = {"bbox": [float(x1), float(y1), float(x2), float(y2)], "label_id": k, "score": float(score)}
+            if with_masks and masks is not None and len(masks[k]) > j:
+                rle = mask_utils.encode(np.asfortranarray(np.asarray(masks[k][j], dtype=np.uint8)))
+                det["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            dets.append(det)
+    return dets
+
+
+def load_score_calibrator(calibration_dir: Path | None):
+    """The fitted detector score calibrator of a calibrate output (None when there is none or it was
+    skipped)."""
+    from overlock.inference.calibrated import DETECTOR_CALIBRATION_FILE, ScoreCalibrator
+    from overlock.state import read_json
+
+    if calibration_dir is None:
+        return None
+    path = Path(calibration_dir)
+    data = read_json(path if path.is_file() else path / DETECTOR_CALIBRATION_FILE)
+    if not data or data.get("status") != "fitted":
+        return None
+    return ScoreCalibrator.from_dict(data["calibrator"])
+
+
+class DetectorPredictor:
+    """The fine-tuned detector with its fitted score calibration: RGB images in, detections out.
+
+    Each detection: ``bbox`` [x1, y1, x2, y2] in pixels of the input, ``label`` (class name), ``label_id``,
+    ``score`` (calibrated: the probability that the detection is correct; the raw score when no calibration
+    was fitted), ``raw_score`` and, for Mask R-CNN, ``mask`` (COCO RLE). Detections below
+    ``score_threshold`` (raw) are dropped.
+    """
+
+    def __init__(self, model, calibrator=None, score_threshold: float = 0.05):
+        self.model, self.calibrator, self.score_threshold = model, calibrator, score_threshold
+        self.class_names = [str(c) for c in (getattr(model, "CLASSES", None) or [])]
+
+    @classmethod
+    def load(cls, detector_dir: Path, calibration: Path | None = None, device="cpu",
+             score_threshold: float = 0.05) -> "DetectorPredictor":
+        return cls(load_detector(detector_dir, device), load_score_calibrator(calibration), score_threshold)
+
+    def detect(self, images: list) -> list[list[dict]]:
+        """Detections of each RGB PIL image (one mmdet batch)."""
+        from mmdet.apis import inference_detector
+
+        if not images:
+            return []
+        arrays = [np.ascontiguousarray(np.asarray(img.convert("RGB"))[:, :, ::-1]) for img in images]  # BGR
+        results = inference_detector(self.model, arrays)
+        out = []
+        for result in results:
+            dets = [d for d in detections_of(result) if d["score"] >= self.score_threshold]
+            raw = np.array([d["score"] for d in dets], dtype=np.float64)
+            calibrated = self.calibrator(raw) if self.calibrator is not None and len(raw) else raw
+            for det, score in zip(dets, calibrated):
+                det["raw_score"], det["score"] = det["score"], float(score)
+                det["label"] = (self.class_names[det["label_id"]] if det["label_id"] < len(self.class_names)
+                                else str(det["label_id"]))
+            out.append(sorted(dets, key=lambda d: -d["score"]))
+        return out

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from overlock.compute import repo_root
 from overlock.params import Params
@@ -144,18 +143,6 @@ def _model_info(params: Params, state: dict, model) -> dict:
             "std": list(cfg["std"])}
 
 
-def _model_requirements() -> list[str]:
-    """Pinned requirements of the logged classifier (skips MLflow's slow inference by loading the model)."""
-    from importlib.metadata import PackageNotFoundError, version
-    reqs = []
-    for dist in ("torch", "timm", "numpy"):
-        try:
-            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
-        except PackageNotFoundError:
-            pass
-    return reqs
-
-
 def run_pretrain(ctx: "StageContext") -> dict:
     """Train the classifier with Ray Train and write ``out`` (final/best/model.json/history.json), metrics, plots."""
     import ray
@@ -213,11 +200,6 @@ def _write_outputs(ctx: "StageContext", params: Params, state: dict) -> dict:
         run.log_artifact(png, "plots")
     run.log_dict(state["history"], "history.json")
     run.log_summary(summary)
-    size = params.pretrain.input_size
-    run.log_pytorch_model(model, "classifier",
-                          registered_name="overlock-classifier" if params.tracking.register_models else None,
-                          input_example=np.zeros((1, 3, size, size), dtype=np.float32),
-                          pip_requirements=_model_requirements())
     log.info("pretrain done: best top-1 %.2f%% (EMA %.2f%%), final top-1 %.2f%% -> %s", summary["best_val_top1"],
              summary["best_val_top1_ema"], summary["final_val_top1"], ctx["out"])
     return summary
