@@ -126,3 +126,94 @@ def test_evaluate_draws_calibrated_detector_scores(detector_workspace, tmp_path)
     # without a fitted calibrator the raw scores are drawn, and the caption says so
     same, caption = calibrated_detections(results, tmp_path / "missing")
     assert same is results and "raw scores" in caption
+
+
+# --- the detector served: the pyfunc model the calibrate stage registers, and `overlock predict --task detect`
+DETECTOR_T = 2.0
+
+
+def _score_calibration(directory: Path) -> Path:
+    """A calibrate output with a fitted temperature score calibrator (as calibrate_detector writes it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "detector_calibration.json").write_text(json.dumps(
+        {"status": "fitted", "calibrator": {"method": "temperature", "temperature": DETECTOR_T}}))
+    return directory
+
+
+def test_registered_detector_answers_boxes_labels_rle_masks_and_calibrated_scores(detector_workspace, tmp_path):
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from overlock.inference.calibrated import ScoreCalibrator
+    from overlock.inference.detector import DetectorPredictor, detection_splits, load_detector
+    from overlock.params import parse_params
+    from overlock.serving.package import register_detector
+    from overlock.tracking import start_stage
+
+    ws = detector_workspace
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = start_stage("calibrate", parse_params({"tracking": {"uri": uri}}), root=tmp_path)
+    version = register_detector(run, ws["detector"], _score_calibration(tmp_path / "calibration"))
+    run.finish()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    mv = client.get_model_version_by_alias("overlock-detector", "latest-pipeline")
+    assert str(mv.version) == version and mv.tags["overlock.score_calibration"] == "temperature"
+    model = mlflow.pyfunc.load_model("models:/overlock-detector@latest-pipeline")
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+
+    _, img_dir = detection_splits(ws["data"])["val"]
+    paths = sorted(Path(img_dir).iterdir())[:2]
+    answer = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}), params={"score_threshold": 0.05})
+    direct = DetectorPredictor(load_detector(ws["detector"], "cpu")).detect([Image.open(p) for p in paths])
+    assert len(answer) == 2 and sum(len(b) for b in answer["boxes"]) > 0
+    calibrator = ScoreCalibrator("temperature", DETECTOR_T)
+    for (_, row), path, raw in zip(answer.iterrows(), paths, direct):
+        w, h = Image.open(path).size
+        assert sorted(row["raw_scores"]) == pytest.approx(sorted(d["score"] for d in raw))
+        np.testing.assert_allclose(row["scores"], calibrator(np.array(row["raw_scores"])), atol=1e-9)
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert set(row["labels"]) <= set(ws["classes"])
+        assert len(row["masks"]) == len(row["boxes"])
+        for (x1, y1, x2, y2), rle in zip(row["boxes"], row["masks"]):
+            assert -1 <= x1 < x2 <= w + 1 and -1 <= y1 < y2 <= h + 1
+            assert mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).shape == (h, w)
+
+
+def test_predict_cli_detect_draws_images_and_writes_coco_json(detector_workspace, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from overlock.inference.detector import detection_splits, load_coco
+
+    ws = detector_workspace
+    _, img_dir = detection_splits(ws["data"])["val"]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for p in sorted(Path(img_dir).iterdir())[:2]:
+        shutil.copy(p, inputs / p.name)
+    Image.open(inputs / p.name).convert("L").save(inputs / "gray.png")
+    (inputs / "empty.png").write_bytes(b"")
+    out = tmp_path / "predictions"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "overlock.cli", "predict", str(inputs), "--task", "detect", "--detector",
+         str(ws["detector"]), "--calibration", str(_score_calibration(tmp_path / "calibration")), "--out-dir",
+         str(out), "--score-threshold", "0.05"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr  # the empty file failed, the others were predicted
+    assert f"error: {inputs / 'empty.png'}: not a readable image" in result.stderr
+    coco = load_coco(str(out / "detections.json"))
+    assert len(coco.getImgIds()) == 3 and coco.getAnnIds()
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(ws["classes"])
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert 0.05 <= ann["score"] <= 1 and ann["bbox"][2] > 0 and coco.annToMask(ann).ndim == 2
+    for info in coco.loadImgs(coco.getImgIds()):
+        drawn = Image.open(out / info["drawn"])
+        assert drawn.size == (info["width"], info["height"]) == Image.open(info["file_name"]).size

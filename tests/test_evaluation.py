@@ -149,7 +149,10 @@ def test_metrics_plots_and_mlflow(evaluated):
 
 
 def test_predict_prints_calibrated_topk(evaluated, capsys):
-    from overlock.evaluation.predict import main, predict_images
+    from PIL import Image
+
+    from overlock.evaluation.predict import main
+    from overlock.inference.predictor import ClassifierPredictor
 
     image = next((evaluated["data"] / "classification/val/c2").glob("*.png"))
     args = [
@@ -164,11 +167,14 @@ def test_predict_prints_calibrated_topk(evaluated, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "calibrated, T=" in out and out.count("%") == 2
-    cal = predict_images([image], evaluated["classifier"], evaluated["root"] / "models/calibration", topk=3)
-    raw = predict_images([image], evaluated["classifier"], None, topk=3)
-    assert [n for n, _ in cal[0]["top"]] == [n for n, _ in raw[0]["top"]]  # T keeps the ranking
-    assert cal[0]["top"][0][1] < raw[0]["top"][0][1]  # over-confident model: T > 1 softens
-    assert {n for n, _ in raw[0]["top"]} == {"red", "green", "blue"}
+    calibrated = ClassifierPredictor.load(evaluated["classifier"], evaluated["root"] / "models/calibration")
+    uncalibrated = ClassifierPredictor.load(evaluated["classifier"], None)
+    images = [Image.open(image).convert("RGB")]
+    cal = calibrated.top_k(calibrated.probabilities(images), 3)[0]
+    raw = uncalibrated.top_k(uncalibrated.probabilities(images), 3)[0]
+    assert cal.classes == raw.classes  # T keeps the ranking
+    assert cal.probabilities[0] < raw.probabilities[0]  # over-confident model: T > 1 softens
+    assert set(raw.classes) == {"red", "green", "blue"}
 
 
 def test_predict_reports_bad_input(evaluated, tmp_path, capsys):
@@ -176,8 +182,8 @@ def test_predict_reports_bad_input(evaluated, tmp_path, capsys):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    assert main([str(bad), "--classifier", str(evaluated["classifier"])]) == 2
-    assert "cannot read image" in capsys.readouterr().err
+    assert main([str(bad), "--classifier", str(evaluated["classifier"])]) == 1  # reported; the batch goes on
+    assert f"error: {bad}: not a readable image" in capsys.readouterr().err
     assert main([str(bad), "--classifier", str(tmp_path / "none")]) == 2
     assert "dvc repro pretrain" in capsys.readouterr().err
 

@@ -199,3 +199,35 @@ def test_readme_onnxruntime_snippet_gives_the_pipelines_calibrated_probabilities
         expected = (model(torch.stack([pipeline(Image.open(p).convert("RGB")) for p in paths])) / TEMPERATURE)
     np.testing.assert_allclose(probs, expected.softmax(1).numpy(), atol=1e-5)
     assert classes == info.class_names and temperature == TEMPERATURE
+
+
+def test_registered_pyfunc_serves_the_deploy_form_of_the_chosen_weights(exported, tmp_path):
+    """The MLflow model the calibrate stage registers (overlock.serving), from best.pth's EMA weights: a JPEG
+    in, softmax(logits / T) of the tiny OverLoCK as trained out (the pyfunc runs the re-parameterized form)."""
+    import mlflow
+    import pandas as pd
+
+    from overlock.inference.classifier import eval_transform, load_classifier, read_classifier_info
+    from overlock.inference.images import read_rgb
+    from overlock.params import parse_params
+    from overlock.serving.package import example_jpeg, register_classifier
+    from overlock.tracking import start_stage
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = start_stage("calibrate", parse_params({"tracking": {"uri": uri}}), root=tmp_path)
+    version = register_classifier(run, exported["classifier"] / "best.pth", exported["root"] / "models/calibration",
+                                  ema=True)
+    run.finish()
+    tags = mlflow.tracking.MlflowClient(uri).get_model_version("overlock-classifier", version).tags
+    assert tags["overlock.weights"] == "best" and tags["overlock.ema"] == "true"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/overlock-classifier@latest-pipeline")
+    jpeg = example_jpeg((300, 200), seed=3)
+    answer = model.predict(pd.DataFrame({"image": [jpeg]}), params={"top_k": 3}).iloc[0]
+    trained = load_classifier(exported["classifier"], ema=True)
+    x = eval_transform(trained, read_classifier_info(exported["classifier"]))(read_rgb(jpeg))[None]
+    with torch.no_grad():
+        out = trained(x)
+    expected = ((out[0] if isinstance(out, (tuple, list)) else out) / TEMPERATURE).softmax(1)[0]
+    assert answer["classes"] == [CLASSES[i]["name"] for i in answer["class_ids"]]
+    np.testing.assert_allclose(answer["probabilities"], expected[answer["class_ids"]].numpy(), atol=1e-4)
