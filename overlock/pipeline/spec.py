@@ -158,7 +158,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      metrics=("metrics", "DVC metrics JSON", "metrics/calibrate.json"),
                      plots=("plots", "DVC plots directory", "plots/calibrate", True, "reliability.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "calibrate", "compute"),
-        code=(*CLASSIFIER_AND_DETECTOR_CODE, "overlock/serving", "overlock/data/synthetic_images.py"),  # registers
+        code=(*CLASSIFIER_AND_DETECTOR_CODE, "overlock/serving"),  # it registers the served models
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
     StageSpec(
         name="evaluate",

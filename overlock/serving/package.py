@@ -52,13 +52,19 @@ def copy_package_code(dest: Path) -> Path:
 
 
 def example_jpeg(size: tuple[int, int] = (96, 72), seed: int = 0) -> bytes:
-    """A small photo-like JPEG (the input example of both models)."""
+    """A small JPEG of smooth colour with a bright disc (the input example of both models)."""
     import numpy as np
+    from PIL import Image
 
-    from overlock.data.synthetic_images import photo_like
-
+    w, h = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = rng.uniform(40, 200, 3)
+    img = base + 50 * np.stack([np.sin(3 * xx), np.cos(2 * yy), np.sin(2 * (xx + yy))], -1)
+    disc = (xx - 0.5 * w / max(h, w)) ** 2 + (yy - 0.5 * h / max(h, w)) ** 2 < 0.04
+    img[disc] = rng.uniform(150, 255, 3)
     buf = io.BytesIO()
-    photo_like(np.random.default_rng(seed), size).save(buf, format="JPEG", quality=90)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
