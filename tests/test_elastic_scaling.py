@@ -53,3 +53,11 @@ def test_a_resumed_schedule_continues_with_the_lr_of_the_new_worker_count():
         sched2.step_update(step)
         sched4.step_update(step)
         assert opt2.param_groups[0]["lr"] == pytest.approx(opt4.param_groups[0]["lr"] / 2)
+
+
+def test_mlflow_records_the_rule_and_the_lr_and_batch_per_worker_count():
+    from overlock.training.pretrain import _elastic_params
+    recorded = _elastic_params(_p(min_workers=2, elastic_scaling="scale_lr", lr=4e-3))
+    assert recorded == {"workers": "2..4", "scaling": "scale_lr",
+                        "lr_per_workers": {2: pytest.approx(2e-3), 3: pytest.approx(3e-3), 4: pytest.approx(4e-3)},
+                        "global_batch_per_workers": {2: 64, 3: 96, 4: 128}}

@@ -85,7 +85,8 @@ def _free_port() -> int:
 def _init_ray(params: Params) -> None:
     """Connect to ``pretrain.ray_address`` / ``$RAY_ADDRESS``, or start a local runtime with its dashboard
     (Ray's State API, which Ray Train's placement-group cleaner polls, is served by it) on a free local port.
-    Ray's own INFO lines stay in its log files; the stage prints where they are."""
+    Ray's own INFO lines (and Ray Train's warnings, e.g. retried resource requests on a loaded machine) stay in
+    its log files; the stage prints where they are."""
     import ray
     if ray.is_initialized():
         return
@@ -123,9 +124,18 @@ def _trainer(params: Params, config: dict, storage: Path, name: str):
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=elastic.worker_range(p), use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage), logging_config=LoggingConfig(log_level="WARNING"),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             logging_config=LoggingConfig(log_level="ERROR"),  # the rest: Ray's log files
                              checkpoint_config=CheckpointConfig(num_to_keep=p.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=p.max_failures)))
+
+
+def _elastic_params(p) -> dict:
+    """What MLflow records of the elastic setup: the worker range, the rule, the LR and global batch per count."""
+    counts = range(p.min_workers or p.workers, p.workers + 1)
+    return {"workers": f"{p.min_workers or p.workers}..{p.workers}", "scaling": p.elastic_scaling,
+            "lr_per_workers": {n: elastic.learning_rate(p, n) for n in counts},
+            "global_batch_per_workers": {n: elastic.global_batch(p, n) for n in counts}}
 
 
 def _curves_png(history: list[dict], path: Path) -> None:
@@ -199,11 +209,7 @@ def run_pretrain(ctx: "StageContext") -> dict:
     run.log_params({"effective": {"pretrain": eff.pretrain.model_dump(mode="json"),
                                   "precision": eff.compute.precision,
                                   "lr": recipe.learning_rate(p, p.workers), "global_batch": p.batch_size * p.workers},
-                    "elastic": {"workers": f"{p.min_workers or p.workers}..{p.workers}", "scaling": p.elastic_scaling,
-                                "lr_per_workers": {n: elastic.learning_rate(p, n)
-                                                   for n in range(p.min_workers or p.workers, p.workers + 1)},
-                                "global_batch_per_workers": {n: elastic.global_batch(p, n)
-                                                             for n in range(p.min_workers or p.workers, p.workers + 1)}}})
+                    "elastic": _elastic_params(p)})
     config = {"params": eff.model_dump(mode="json"), "data": str(data), "num_classes": len(classes),
               "mlflow_uri": run.uri, "mlflow_run_id": run.run_id, "fatal_file": str(fatal_file),
               "tty": sys.stderr.isatty()}
