@@ -121,7 +121,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_write_outputs(ray_local, 
 
     def killer():
         marker = hooks / "rank1_epoch1.pid"
-        _wait_for(marker)
+        _wait_for(marker, timeout=900)  # Ray's start and epoch 1 (minutes on a loaded 2-core machine)
         killed["pid"] = int(marker.read_text())
         os.kill(killed["pid"], signal.SIGKILL)  # the real Ray worker process of rank 1, mid-epoch 2
 
