@@ -168,6 +168,24 @@ class PretrainParams(_Section):
     train_decode: Literal["fast", "pil"] = "fast"
     # operational: hooks every Ray worker imports and calls ("module:name" or {target, kwargs}); tests use them
     callbacks: list[CallbackParams] = Field(default_factory=list)
+    # --- scale-out (README "Ray cluster"): elastic workers, per-node placement
+    # elastic training: None = exactly `workers`; else Ray Train runs min_workers..workers workers and continues
+    # on fewer when a node is lost (operational)
+    min_workers: int | None = Field(None, ge=1)
+    # how the global batch and the LR follow the live worker count (elastic runs): keep_global_batch (per-worker
+    # batch = batch_size * workers / live workers, LR unchanged) | scale_lr (per-worker batch fixed, global batch
+    # and LR scale with the live workers: the linear rule)
+    elastic_scaling: Literal["keep_global_batch", "scale_lr"] = "keep_global_batch"
+    # custom Ray resources each training worker needs, e.g. {trainer_slot: 1} with `ray start --resources` giving
+    # each node one slot: one worker per node (operational)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> "PretrainParams":
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"pretrain.min_workers={self.min_workers} is above pretrain.workers={self.workers} "
+                             "(the most workers); set min_workers <= workers, or null for a fixed worker count")
+        return self
 
     @field_validator("callbacks", mode="before")
     @classmethod

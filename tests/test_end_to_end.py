@@ -197,3 +197,18 @@ def test_exp_run_with_other_size_trains_that_size_as_a_separate_run(pipeline):
     assert exp_parent.data.params["model.size"] == "t"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_parent.info.run_id]
     assert {"pretrain", "evaluate"} <= {r.data.tags["overlock.stage"] for r in children}
+
+
+# --- issue 21: a clean pretrain log (the shared demo run's captured output, no extra run)
+def test_pretrain_output_is_progress_not_ray_internals(pipeline):
+    """The stage prints one line per epoch and where Ray's full logs are; none of Ray's internal noise
+    (the State API poll of Ray Train's placement-group cleaner, the PreemptionWatcher error, per-report lines)."""
+    root, first = pipeline
+    out = first.stdout + first.stderr
+    for noise in ("State API may be temporarily unavailable", "PreemptionWatcher", "core_worker.cc",
+                  "Reporting training result", "Started a local Ray instance"):
+        assert noise not in out, noise
+    epochs = yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["epochs"]
+    lines = re.findall(r"\bepoch (\d+)/(\d+)  loss", out)
+    assert lines == [(str(e), str(epochs)) for e in range(1, epochs + 1)], lines
+    assert "full logs: " in out

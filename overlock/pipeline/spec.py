@@ -33,6 +33,7 @@ OPERATIONAL = (
     "data.download_retries",
     "pretrain.storage_path", "pretrain.ray_address", "pretrain.max_failures", "pretrain.checkpoints_to_keep",
     "pretrain.log_every_steps", "pretrain.num_data_workers", "pretrain.cpus_per_worker", "pretrain.callbacks",
+    "pretrain.min_workers", "pretrain.worker_resources",  # scale-out: where and on how many workers it runs
     "finetune.checkpoint_interval",
 )
 

@@ -143,7 +143,7 @@ class DecodeCropTransform:
             with open(path, "rb") as fh:
                 chw = decode_jpeg(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
         else:  # grayscale, CMYK, PNG...: PIL's conversion to RGB, as the plain path does
-            chw = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            chw = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # writable
         region = chw[None, :, i:i + h, j:j + w].contiguous(memory_format=torch.channels_last)  # HWC rows: cheap
         mode = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBIC: "bicubic"}.get(interp)
         if mode is None:

@@ -24,17 +24,18 @@ from overlock.compute import autocast, configure, needs_grad_scaler, seed_everyt
 from overlock.models.baselines import anneal_temperature
 from overlock.params import Params, parse_params
 from overlock.training import checkpoints as ckpt
-from overlock.training import recipe
+from overlock.training import elastic, recipe
 from overlock.training.callbacks import TrainCallback, load_callbacks
 from overlock.training.loader import loader_settings, worker_cpus
 from overlock.training.ddp import align_grad_strides
+from overlock.training.ray_logs import quiet_worker_logs
 
 log = logging.getLogger("overlock.pretrain")
 
 STEP_LOSS = "train/loss"
 STEP_LR = "train/lr"
 EPOCH_KEYS = ("train_loss", "val_top1", "val_top5", "val_top1_ema", "val_top5_ema", "lr", "img_per_sec",
-              "epoch_time_s")
+              "epoch_time_s", "world_size", "global_batch")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,7 +177,7 @@ def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int,
     train_ds, val_ds, classes = load_datasets(data, train_tf, val_tf)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=params.seed, drop_last=True)
-    batch = min(p.batch_size, max(1, len(train_ds) // world))
+    batch = min(elastic.per_worker_batch(p, world), max(1, len(train_ds) // world))
     settings = loader_settings(cpus, device, p.num_data_workers)
     train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
@@ -219,7 +220,7 @@ class TrainingWorker:
         self.model = to_memory_format(model, self.memory_format)
         self.loaders = build_loaders(params, self.model, Path(config["data"]), self.rank, self.world, cpus,
                                      self.device)
-        self.optimizer = recipe.build_optimizer(p, self.model, recipe.learning_rate(p, self.world))
+        self.optimizer = recipe.build_optimizer(p, self.model, elastic.learning_rate(p, self.world))
         self.scheduler = recipe.build_scheduler(p, self.optimizer, self.loaders.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.precision, self.device) else None
         self.mixup = recipe.build_mixup(p, config["num_classes"])
@@ -251,12 +252,17 @@ class TrainingWorker:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        saved_world = state.get("world_size", self.world)  # an elastic run may resume on another worker count
+        p = self.params.pretrain
+        elastic.rescale_schedule(self.optimizer, self.scheduler,
+                                 elastic.learning_rate(p, self.world) / elastic.learning_rate(p, saved_world))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainingState(state["epoch"], state["step"], state["history"], state.get("best"))
         if self.rank == 0:
             ckpt.restore_rng_states(state["rng"])
-            log.info("resumed from the checkpoint of epoch %d (global step %d)", self.state.epoch, self.state.step)
+            log.info("resumed from the checkpoint of epoch %d (global step %d) on %d workers (saved on %d)",
+                     self.state.epoch, self.state.step, self.world, saved_world)
         self.callbacks.on_resume(self.rank, self.state.epoch, self.state.step)
 
     # -- train an epoch ----------------------------------------------------------------------------
@@ -333,7 +339,8 @@ class TrainingWorker:
                 "val_top5": top5, "val_top1_ema": top1_ema, "val_top5_ema": top5_ema,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "img_per_sec": seen_total / max(trained["train_time"], 1e-9),
-                "epoch_time_s": time.perf_counter() - trained["t0"], "step": self.state.step}
+                "epoch_time_s": time.perf_counter() - trained["t0"], "step": self.state.step,
+                "world_size": self.world, "global_batch": self.loaders.train.batch_size * self.world}
 
     def _log_epoch(self, row: dict) -> None:
         p, history = self.params.pretrain, self.state.history
@@ -398,4 +405,5 @@ class TrainingWorker:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_worker_logs()
     TrainingWorker(config).run()

@@ -24,7 +24,7 @@ from overlock.compute import repo_root
 from overlock.params import Params
 from overlock.tracking import write_metrics_file
 from overlock.training import checkpoints as ckpt
-from overlock.training import recipe
+from overlock.training import elastic, recipe
 from overlock.training.callbacks import load_callbacks
 from overlock.training.loader import default_cpus_per_worker
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
@@ -74,32 +74,67 @@ def _check_compute(params: Params) -> None:
                          "(e.g. 1) or compute.device=auto")
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _init_ray(params: Params) -> None:
+    """Connect to ``pretrain.ray_address`` / ``$RAY_ADDRESS``, or start a local runtime with its dashboard
+    (Ray's State API, which Ray Train's placement-group cleaner polls, is served by it) on a free local port.
+    Ray's own INFO lines (and Ray Train's warnings, e.g. retried resource requests on a loaded machine) stay in
+    its log files; the stage prints where they are."""
     import ray
     if ray.is_initialized():
         return
     address = params.pretrain.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False)
+        # one node: nothing is drained or preempted, and Ray Train's PreemptionWatcher only logs an error here
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # Ray's 60 s fails on a loaded machine
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                 logging_level=logging.WARNING)
+    log.info("Ray: %s; full logs: %s", ray.get_runtime_context().gcs_address, _ray_logs_dir())
+
+
+def _ray_logs_dir() -> str:
+    """Ray's log directory of this session (on the head node)."""
+    try:
+        from ray._private.worker import _global_node
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001  (a Ray-internal accessor: a plain hint when it moves)
+        return "<ray temp dir>/session_latest/logs on the head node"
 
 
 def _trainer(params: Params, config: dict, storage: Path, name: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     p = params.pretrain
     use_gpu = p.gpus_per_worker > 0
     import ray
     cpus = p.cpus_per_worker or default_cpus_per_worker(p.gpus_per_worker, ray.cluster_resources())
-    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if use_gpu else {}), **p.worker_resources}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=elastic.worker_range(p), use_gpu=use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=str(storage),
+                             logging_config=LoggingConfig(log_level="ERROR"),  # the rest: Ray's log files
                              checkpoint_config=CheckpointConfig(num_to_keep=p.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=p.max_failures)))
+
+
+def _elastic_params(p) -> dict:
+    """What MLflow records of the elastic setup: the worker range, the rule, the LR and global batch per count."""
+    counts = range(p.min_workers or p.workers, p.workers + 1)
+    return {"workers": f"{p.min_workers or p.workers}..{p.workers}", "scaling": p.elastic_scaling,
+            "lr_per_workers": {n: elastic.learning_rate(p, n) for n in counts},
+            "global_batch_per_workers": {n: elastic.global_batch(p, n) for n in counts}}
 
 
 def _curves_png(history: list[dict], path: Path) -> None:
@@ -160,13 +195,14 @@ def run_pretrain(ctx: "StageContext") -> dict:
     run.set_tags({"overlock.ray_run": str(storage / name), "overlock.recipe": p.recipe})
     run.log_params({"effective": {"pretrain": eff.pretrain.model_dump(mode="json"),
                                   "precision": eff.compute.precision,
-                                  "lr": recipe.learning_rate(p, p.workers), "global_batch": p.batch_size * p.workers}})
+                                  "lr": recipe.learning_rate(p, p.workers), "global_batch": p.batch_size * p.workers},
+                    "elastic": _elastic_params(p)})
     config = {"params": eff.model_dump(mode="json"), "data": str(data), "num_classes": len(classes),
               "mlflow_uri": run.uri, "mlflow_run_id": run.run_id, "fatal_file": str(fatal_file),
               "tty": sys.stderr.isatty()}
     _init_ray(params)
-    log.info("Ray Train run %s (storage %s): %d workers, recipe %s, precision %s", name, storage, p.workers,
-             p.recipe, eff.compute.precision)
+    log.info("Ray Train run %s (storage %s): %s workers, recipe %s, precision %s", name, storage,
+             elastic.worker_range(p), p.recipe, eff.compute.precision)
     try:
         result = _trainer(eff, config, storage, name).fit()
     except ray.train.TrainingFailedError as err:
