@@ -224,3 +224,15 @@ def test_demo_layout_splits_are_disjoint_and_labels_valid(workspace):
                              for n in names["train"]])
     counts = np.bincount(labels, minlength=7)
     assert labels.max() <= 6 and (counts > 0).all()  # every class and some unlabelled seams
+
+
+def test_segment_params_are_validated():
+    from overlock.params import ParamsError, parse_params
+    from overlock.pipeline.spec import STAGES, result_keys
+
+    with pytest.raises(ParamsError, match="segment.schedule"):
+        parse_params({"segment": {"schedule": "80k"}})
+    with pytest.raises(ParamsError, match="data.segmentation_dataset"):
+        parse_params({"data": {"segmentation_dataset": "cityscapes"}})
+    keys = result_keys(STAGES["segment"], parse_params({}).model_dump(mode="json"))
+    assert "segment.checkpoint_interval" not in keys and "segment.lr" in keys  # operational vs result

@@ -61,9 +61,9 @@ def backbone_out_channels(backbone: dict) -> list[int]:
 def _dataset(kind: str, split: dict, classes: Sequence[str], pipeline: list, test_mode: bool = False) -> dict:
     cfg = dict(type="ADE20KDataset" if kind == "ade20k" else "CustomDataset", data_root=None,
                img_dir=split["img_dir"], ann_dir=split["ann_dir"], split=split["split"], pipeline=pipeline,
-               img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True, test_mode=test_mode)
-    if kind != "ade20k":
-        cfg["classes"] = tuple(classes)
+               test_mode=test_mode)
+    if kind != "ade20k":  # ADE20KDataset sets these itself (and its 150 classes)
+        cfg.update(img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True, classes=tuple(classes))
     return cfg
 
 
@@ -107,7 +107,8 @@ def build_segmentation_config(params: Params, splits: dict[str, dict], classes: 
     cfg.data.train = _dataset(kind, splits["train"], classes, pipelines["train"])
     cfg.data.val = _dataset(kind, splits["val"], classes, pipelines["val"], test_mode=True)
     cfg.data.test = _dataset(kind, splits["val"], classes, pipelines["test"], test_mode=True)
-    cfg.data.calibration = _dataset(kind, splits["calibration"], classes, pipelines["test"], test_mode=True)
+    # outside cfg.data: mmseg passes every other cfg.data key to its data loaders
+    cfg.calibration_data = _dataset(kind, splits["calibration"], classes, pipelines["test"], test_mode=True)
     cfg.data.samples_per_gpu = sg.samples_per_gpu
     cfg.data.workers_per_gpu = 0 if sg.schedule == "demo" else 4
 

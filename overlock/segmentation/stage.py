@@ -248,7 +248,8 @@ def evaluate_segmenter(model, cfg, params: Params, classes: list[str], device) -
     model = model.to(device).eval()
     num = int(cfg.model.decode_head.num_classes)
     confusion = ConfusionMatrix(num)
-    lengths = {k: len(Path(cfg.data[k].split).read_text().split()) for k in ("val", "calibration")}
+    datasets = {"val": cfg.data.val, "calibration": cfg.calibration_data}
+    lengths = {k: len(Path(d.split).read_text().split()) for k, d in datasets.items()}
     samplers = {k: PixelSampler(sg.calibration_pixels, n, seed=params.seed + j)
                 for j, (k, n) in enumerate(lengths.items())}
     samples: list[dict] = []
@@ -261,8 +262,8 @@ def evaluate_segmenter(model, cfg, params: Params, classes: list[str], device) -
             samples.append({"name": Path(meta["filename"]).stem, "image": _image_rgb(meta["filename"]),
                             "gt": gt, "pred": pred})
 
-    _pass(model, cfg.data.val, device, on_val)
-    _pass(model, cfg.data.calibration, device, lambda i, logits, gt, meta: samplers["calibration"].add(logits, gt))
+    _pass(model, datasets["val"], device, on_val)
+    _pass(model, datasets["calibration"], device, lambda i, logits, gt, meta: samplers["calibration"].add(logits, gt))
     calibration = calibrate_pixels(samplers["calibration"], samplers["val"], params.calibrate.bins,
                                    params.calibrate.max_iter)
     per_class = confusion.per_class()
