@@ -111,6 +111,7 @@ def build_segmentation_config(params: Params, splits: dict[str, dict], classes: 
     cfg.calibration_data = _dataset(kind, splits["calibration"], classes, pipelines["test"], test_mode=True)
     cfg.data.samples_per_gpu = sg.samples_per_gpu
     cfg.data.workers_per_gpu = 0 if sg.schedule == "demo" else 4
+    cfg.data.persistent_workers = cfg.data.workers_per_gpu > 0  # torch refuses it without workers
 
     cfg.optimizer.weight_decay = sg.weight_decay
     if sg.lr is not None:

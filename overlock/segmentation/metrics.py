@@ -29,7 +29,7 @@ class ConfusionMatrix:
         self.counts = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        valid = gt != IGNORE
+        valid = (gt != IGNORE) & (gt < self.num_classes)
         gt, pred = gt[valid].astype(np.int64), pred[valid].astype(np.int64)
         k = self.num_classes
         self.counts += np.bincount(gt * k + pred, minlength=k * k).reshape(k, k)
@@ -61,7 +61,7 @@ class PixelSampler:
 
     def add(self, logits: torch.Tensor, gt: np.ndarray) -> None:
         """``logits``: ``[K, H, W]`` of one image; ``gt``: ``[H, W]`` with 255 = ignore."""
-        index = np.flatnonzero(gt.reshape(-1) != IGNORE)
+        index = np.flatnonzero((gt.reshape(-1) != IGNORE) & (gt.reshape(-1) < logits.shape[0]))
         if index.size > self.per_image:
             index = np.sort(self.rng.choice(index, self.per_image, replace=False))
         idx = torch.from_numpy(index)

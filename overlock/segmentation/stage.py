@@ -222,12 +222,24 @@ def _image_rgb(filename: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _reduced_labels(dataset, gt: np.ndarray) -> np.ndarray:
+    """The training labels of a ground-truth map: mmseg's ``get_gt_seg_map_by_idx`` returns the raw png
+    values; ``reduce_zero_label`` maps 0 (unlabelled) to 255 and k to k - 1, as training and mmseg's metrics do."""
+    gt = gt.astype(np.int64)
+    if getattr(dataset, "reduce_zero_label", False):
+        gt[gt == 0] = 256
+        gt = gt - 1
+        gt[gt == 254] = 255
+    return gt
+
+
 def _pass(model, dataset_cfg, device, on_image) -> int:
     """Run ``model`` over a test-mode dataset; ``on_image(index, logits [K, H, W], gt, meta)`` per image."""
     from mmseg.datasets import build_dataloader, build_dataset
 
     dataset = build_dataset(dataset_cfg)
-    loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False, shuffle=False)
+    loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False, shuffle=False,
+                              persistent_workers=False)
     from tqdm import tqdm
 
     for i, batch in enumerate(tqdm(loader, desc="segment eval", disable=None, leave=False)):
@@ -235,7 +247,7 @@ def _pass(model, dataset_cfg, device, on_image) -> int:
         meta = batch["img_metas"][0].data[0]
         with torch.no_grad():
             logits = model.whole_inference(img, meta, rescale=True)[0]
-        on_image(i, logits, dataset.get_gt_seg_map_by_idx(i), meta[0])
+        on_image(i, logits, _reduced_labels(dataset, dataset.get_gt_seg_map_by_idx(i)), meta[0])
     return len(dataset)
 
 
@@ -249,7 +261,7 @@ def evaluate_segmenter(model, cfg, params: Params, classes: list[str], device) -
     num = int(cfg.model.decode_head.num_classes)
     confusion = ConfusionMatrix(num)
     datasets = {"val": cfg.data.val, "calibration": cfg.calibration_data}
-    lengths = {k: len(Path(d.split).read_text().split()) for k, d in datasets.items()}
+    lengths = {k: len(Path(d["split"]).read_text().split()) for k, d in datasets.items()}
     samplers = {k: PixelSampler(sg.calibration_pixels, n, seed=params.seed + j)
                 for j, (k, n) in enumerate(lengths.items())}
     samples: list[dict] = []
