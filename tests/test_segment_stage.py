@@ -87,10 +87,11 @@ def killed_and_resumed(workspace):
     state = root / ".overlock" / "state" / "segment"
     with (root / "run1.log").open("w") as log1:
         proc = subprocess.Popen(_stage_cmd(root), cwd=REPO, env=_env(root), stdout=log1, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
+        deadline = time.time() + 600  # generous: a loaded 2-core machine
         while time.time() < deadline and proc.poll() is None and not list(state.glob(f"*/iter_{CKPT_EVERY}.pth")):
             time.sleep(0.2)
         assert proc.poll() is None, (root / "run1.log").read_text()[-3000:]
+        assert list(state.glob(f"*/iter_{CKPT_EVERY}.pth")), "no checkpoint before the deadline"
         time.sleep(0.3)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
