@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 STAGES = ["download", "extract", "pretrain", "finetune", "segment", "calibrate", "evaluate"]
 pytestmark = pytest.mark.slow
-SEGMENT_MIOU_FLOOR = 0.25  # the demo's segment stage (benchmarks/RESULTS.md, issue 19)
+SEGMENT_MIOU_FLOOR = 0.2  # ~3x chance; the demo value: benchmarks/RESULTS.md (issue 19)
 
 
 def run(cmd, cwd, check=True, timeout=900):
