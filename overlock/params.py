@@ -18,6 +18,7 @@ from overlock.registry import ARCH_NAMES, OVERLOCK_SIZES, resolve_model
 
 DatasetName = Literal["demo", "imagenet1k", "imagenet100", "cifar10", "folder"]
 DetectionDatasetName = Literal["demo_coco", "coco2017", "coco_folder", "none"]
+SegmentationDatasetName = Literal["demo_ade", "ade20k", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -38,6 +39,9 @@ class DemoDataParams(_Section):
     coco_train_images: int = Field(48, ge=2)
     coco_val_images: int = Field(16, ge=2)
     coco_image_size: int = Field(128, ge=32, le=1024)
+    seg_train_images: int = Field(64, ge=4)
+    seg_val_images: int = Field(16, ge=2)
+    seg_image_size: int = Field(64, ge=32, le=1024)
 
 
 class SourceParams(_Section):
@@ -55,6 +59,7 @@ class DataParams(_Section):
     """Which datasets the ``download``/``extract`` stages prepare and where their archives come from."""
     dataset: DatasetName = "demo"
     detection_dataset: DetectionDatasetName = "demo_coco"
+    segmentation_dataset: SegmentationDatasetName = "demo_ade"  # ADE20K layout; none: no segment stage work
     root: str = "data"
     # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths), or
     # {path: ..., sha256: ...}; your own data: `folder` / `coco_folder` -> a directory or a tar/tar.gz/zip
@@ -212,6 +217,27 @@ class FinetuneParams(_Section):
                                        "every visible GPU. On a CPU-only host: that many gloo CPU processes")
 
 
+class SegmentParams(_Section):
+    """UperNet semantic segmentation (mmsegmentation 0.30) on the OverLoCK segmentation backbone."""
+    mode: Literal["train", "evaluate"] = "train"
+    schedule: Literal["demo", "160k"] = "demo"
+    init: Literal["ema", "raw", "checkpoint", "none"] = "raw"
+    checkpoint: str | None = Field(None, description="official classification (init) or UperNet (evaluate) ckpt")
+    max_iters: int | None = Field(60, ge=1, description="demo schedule length; None: the demo default")
+    samples_per_gpu: int = Field(4, ge=1, description="official 160k: 2 per GPU on 8 GPUs")
+    lr: float | None = Field(None, gt=0, description="None: the schedule's own (official AdamW 6e-5)")
+    weight_decay: float = Field(0.01, ge=0)
+    drop_path_rate: float | None = Field(None, ge=0, lt=1, description="None: official per size")
+    crop_size: tuple[int, int] = Field((64, 64), description="demo schedule only (160k: official 512x512)")
+    head_channels: int = Field(64, ge=8, description="demo schedule only (160k: official 512, aux 256)")
+    checkpoint_interval: int = Field(10, ge=1)
+    calibration_pixels: int = Field(200000, ge=100, description="pixels sampled per split for T and ECE")
+    figure_images: int = Field(4, ge=0)
+    launcher: Literal["none", "pytorch"] = "none"
+    nproc_per_node: int | None = Field(None, ge=1, description="torchrun processes (launcher pytorch); None: "
+                                       "every visible GPU. On a CPU-only host: that many gloo CPU processes")
+
+
 class CalibrateParams(_Section):
     """Temperature scaling on the held-out calibration split; detector score calibration."""
     split: Literal["calibration", "val"] = "calibration"
@@ -256,6 +282,7 @@ class Params(_Section):
     model: ModelParams = Field(default_factory=ModelParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)

@@ -203,7 +203,7 @@ def test_demo_stages_from_the_command_line(repo, mlflow_db, tmp_path, monkeypatc
     out, datasets, metrics = repo / "data" / "archives", repo / "data" / "datasets", repo / "metrics" / "data.json"
     assert download_stage.main(["--params", str(params_file), "--out", str(out)]) == 0
     manifest = download.read_json(out / download.MANIFEST)
-    assert len(manifest) == 6
+    assert len(manifest) == 7  # ImageNet-format 3, COCO-format 3, ADE20K-format 1
     assert all(m["source"].startswith("file://") and m["algo"] == "sha256" for m in manifest.values())
     params = parse_params(yaml.safe_load(params_file.read_text()))
     again = demo.write_demo_archives("demo_coco", params.data.demo, params.seed, tmp_path / "again")

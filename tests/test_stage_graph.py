@@ -149,8 +149,9 @@ def _params_set(repo: Path, **changes):
 
 
 @pytest.mark.parametrize("path, stages", [
-    ("overlock/data/datasets.py", {"download", "extract", "pretrain", "finetune", "calibrate", "evaluate"}),
-    ("overlock/compat.py", {"finetune", "calibrate", "evaluate"}),
+    ("overlock/data/datasets.py", {"download", "extract", "pretrain", "finetune", "segment", "calibrate",
+                                   "evaluate"}),
+    ("overlock/compat.py", {"finetune", "segment", "calibrate", "evaluate"}),
     ("overlock/training/recipe.py", {"pretrain"}),
 ])
 def test_editing_covered_code_marks_exactly_its_stages_changed(dvc_repo, path, stages):

@@ -4,6 +4,8 @@
 to ``classification/``: ``"calibration"`` held out of train, ``"excluded"`` unreadable images).
 ``detection/``: COCO 2017 layout with ``splits/{train,calibration}.json``; MMDetection's ``CocoDataset`` reads
 it through :func:`coco_split_files`.
+``segmentation/``: ``ADEChallengeData2016/`` with ``splits/{train,calibration,val}.txt`` and ``classes.json``;
+mmsegmentation's datasets read it through :func:`segmentation_split_files`.
 """
 from __future__ import annotations
 
@@ -109,3 +111,27 @@ def coco_categories(detection_root_dir: str | Path) -> list[str]:
     """Category names in COCO id order (mmdet's ``classes``)."""
     ann = json.loads(Path(coco_split_files(detection_root_dir)["val"][0]).read_text())
     return [c["name"] for c in sorted(ann["categories"], key=lambda c: c["id"])]
+
+
+def segmentation_split_files(data_dir: str | Path) -> dict[str, dict[str, str]]:
+    """``{"train"|"calibration"|"val": {"img_dir", "ann_dir", "split"}}`` (absolute) of the extracted ADE20K
+    layout under ``<data_dir>/segmentation`` (mmseg dataset arguments)."""
+    root = Path(data_dir).resolve()
+    root = root if (root / "splits").is_dir() and (root / "ADEChallengeData2016").is_dir() else root / "segmentation"
+    out = {}
+    for split, sub in (("train", "training"), ("calibration", "training"), ("val", "validation")):
+        out[split] = {"img_dir": str(root / "ADEChallengeData2016" / "images" / sub),
+                      "ann_dir": str(root / "ADEChallengeData2016" / "annotations" / sub),
+                      "split": str(root / "splits" / f"{split}.txt")}
+    missing = [v["split"] for v in out.values() if not Path(v["split"]).exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing} not found: run the extract stage with data.segmentation_dataset set "
+                                f"(`dvc repro extract`)")
+    return out
+
+
+def segmentation_classes(data_dir: str | Path) -> list[str]:
+    """Class names of the extracted segmentation dataset (``classes.json``; empty when the archive had none)."""
+    files = segmentation_split_files(data_dir)
+    path = Path(files["train"]["split"]).parent.parent / "classes.json"
+    return json.loads(path.read_text()) if path.exists() else []

@@ -7,6 +7,9 @@
   ground truth and ``meta.mat``.
 * Instances (``data.detection_dataset: demo_coco``): circles, rectangles and triangles with polygon masks on
   textured backgrounds, packed like COCO 2017 (image zips plus an annotation zip).
+* Semantic segmentation (``data.segmentation_dataset: demo_ade``): a "wall" above a striped "floor" with
+  discs, boxes, triangles and rings of overlapping colours, packed like ``ADEChallengeData2016.zip``
+  (``images/``, ``annotations/`` with 0 = unlabelled, ``objectInfo150.txt``).
 
 Everything is seeded by ``seed``; the same params give byte-identical archives. The writers of the archive
 formats (:func:`write_imagenet_archives`, :func:`write_cifar10_archive`, :func:`write_coco_archives`) are
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from overlock.data.sources import DEMO_ARCHIVES
 from overlock.state import file_digest
@@ -323,7 +326,77 @@ def write_demo_coco(demo, seed: int, out_dir: Path) -> list[Path]:
     return write_coco_archives(out_dir, splits, DEMO_ARCHIVES["demo_coco"])
 
 
+# ------------------------------------------------------------------------ semantic segmentation (ADE20K)
+# label 0 is "unlabelled" (ignored, as in ADE20K); 1..K are the classes, in objectInfo150.txt order
+SEGMENTATION_CLASSES = ("wall", "floor", "disc", "box", "triangle", "ring")
+_SEG_SHAPES = {"disc": ("circle", 0.02), "box": ("square", 0.36), "triangle": ("triangle", 0.62),
+               "ring": ("ring", 0.83)}  # class -> (shape, typical hue)
+
+
+def demo_segmentation_image(size: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """One demo scene: a noisy low-frequency "wall" above a striped "floor" (a wavy horizon), with 1-4
+    (possibly occluding) shapes of four classes whose colours overlap; a 1-pixel unlabelled (0) seam
+    outside every object's visible part."""
+    img = _background(rng, size)
+    label = np.ones((size, size), dtype=np.uint8)  # wall
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    horizon = size * rng.uniform(0.35, 0.7) + size * 0.08 * np.sin(xx / size * rng.uniform(2, 7) + rng.uniform(0, 6))
+    floor = yy > horizon
+    period = rng.uniform(3.0, 6.0)
+    stripes = 28 * np.sign(np.sin((yy + 0.3 * xx * rng.uniform(-1, 1)) * 2 * math.pi / period))
+    arr = np.asarray(img, dtype=np.float32).copy()
+    arr[floor] += stripes[floor, None] + rng.uniform(-40, 40, 3)
+    label[floor] = 2
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    seam = np.zeros((size, size), dtype=bool)
+    for _ in range(int(rng.integers(1, 5))):
+        name = SEGMENTATION_CLASSES[2 + int(rng.integers(4))]
+        shape, hue = _SEG_SHAPES[name]
+        radius = size * rng.uniform(0.13, 0.26)
+        cx, cy = rng.uniform(radius, size - radius, 2)
+        mask = _shape_mask(size, shape, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        colour = _rgb(hue + rng.normal(0, 0.08), rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0))
+        _paste(img, mask, colour)
+        inside = np.asarray(mask) > 127
+        edge = (np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 127) & ~inside
+        label[inside] = 1 + SEGMENTATION_CLASSES.index(name)
+        seam = (seam & ~inside) | edge
+    label[seam] = 0
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(4, 14), (size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), label
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ade_object_info(names: Iterable[str]) -> bytes:
+    """``objectInfo150.txt`` of the ADE20K release (Idx, Ratio, Train, Val, Name) for ``names``."""
+    rows = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i}\t0\t0\t0\t{n}" for i, n in enumerate(names, 1)]
+    return ("\n".join(rows) + "\n").encode()
+
+
+def write_demo_ade(demo, seed: int, out_dir: Path) -> list[Path]:
+    """Generate the demo segmentation dataset as an ``ADEChallengeData2016.zip``-format archive."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    top = "ADEChallengeData2016"
+    files = [(f"{top}/objectInfo150.txt", ade_object_info(SEGMENTATION_CLASSES))]
+    for key, (split, stem, count) in enumerate((("training", "train", demo.seg_train_images),
+                                                ("validation", "val", demo.seg_val_images))):
+        for i in range(count):
+            img, label = demo_segmentation_image(demo.seg_image_size, _rng(seed, 20 + key, i))
+            name = f"ADE_{stem}_{i + 1:08d}"
+            files += [(f"{top}/images/{split}/{name}.jpg", _jpeg(img, 92)),
+                      (f"{top}/annotations/{split}/{name}.png", _png(label))]
+    path = out_dir / DEMO_ARCHIVES["demo_ade"]["trainval"]
+    _write_zip(path, files)
+    return [path]
+
+
 def write_demo_archives(name: str, demo, seed: int, out_dir: Path) -> dict[str, str]:
-    """Generate the archives of demo dataset ``name`` (demo | demo_coco); return file name -> sha256."""
-    writer = {"demo": write_demo_classification, "demo_coco": write_demo_coco}[name]
+    """Generate the archives of demo dataset ``name`` (demo | demo_coco | demo_ade); return file name -> sha256."""
+    writer = {"demo": write_demo_classification, "demo_coco": write_demo_coco, "demo_ade": write_demo_ade}[name]
     return {p.name: file_digest(p, "sha256") for p in writer(demo, seed, Path(out_dir))}

@@ -5,6 +5,7 @@
 * ImageNet-100: the CMC subset, as relative symlinks into an ImageNet-1K tree next to it (no copies).
 * CIFAR-10: the python batches to ``train/<class>/*.png`` and ``val/<class>/*.png``.
 * COCO 2017: ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``.
+* ADE20K (and its demo): ``segmentation/ADEChallengeData2016/`` with ``splits/*.txt`` (:mod:`.seg_layouts`).
 * Your own data (``folder``, ``coco_folder``): checked and placed by :mod:`overlock.data.own_layouts` into the
   same layouts (class folders; the COCO 2017 layout).
 
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from overlock.data.extract import ArchiveError, check_tar_members, extract_inner_tars, safe_extract
 from overlock.data.own_layouts import build_class_folders, build_coco_folder, image_suffixes
+from overlock.data.seg_layouts import build_ade, segmentation_splits
 from overlock.data.sources import archive_dataset, expected_counts, imagenet100_classes
 from overlock.state import write_json_atomic
 
@@ -346,6 +348,11 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
         report["detection"] = _with_expected({"dataset": data.detection_dataset, **detection_splits(
             root / "detection", params.seed, data.calibration_per_class, mode), **det_extra},
             data.detection_dataset)
+    if data.segmentation_dataset != "none":  # ADE20K layout (overlock.data.seg_layouts)
+        s = _archives_by_role(manifest, archives, data.segmentation_dataset)
+        build_ade(s["trainval"], root / "segmentation")
+        report["segmentation"] = _with_expected({"dataset": data.segmentation_dataset, **segmentation_splits(
+            root / "segmentation", params.seed, data.calibration_per_class * 10, mode)}, data.segmentation_dataset)
     write_json_atomic(root / REPORT, report)
     plot_class_counts(report["classification"], root / "integrity_classes.png")
     return report
@@ -354,7 +361,7 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
 def report_metrics(report: dict) -> dict:
     """The numbers of the integrity report, nested one level, for ``dvc metrics show``."""
     out = {}
-    for section in ("classification", "detection"):
+    for section in ("classification", "detection", "segmentation"):
         if section not in report:
             continue
         r = report[section]

@@ -17,7 +17,8 @@ REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 DEMO_ARCHIVES = {"demo": {"train": "demo_img_train.tar", "val": "demo_img_val.tar",
                           "devkit": "demo_devkit_t12.tar.gz"},
                  "demo_coco": {"train": "demo_coco_train2017.zip", "val": "demo_coco_val2017.zip",
-                               "annotations": "demo_coco_annotations_trainval2017.zip"}}
+                               "annotations": "demo_coco_annotations_trainval2017.zip"},
+                 "demo_ade": {"trainval": "demo_ADEChallengeData2016.zip"}}
 # The dataset whose archives a dataset is built from (ImageNet-100 is a subset of ImageNet-1K).
 ARCHIVE_DATASET = {"imagenet100": "imagenet1k"}
 LOGIN_REQUIRED = {"imagenet1k"}
@@ -87,8 +88,11 @@ def imagenet100_classes() -> list[str]:
 
 
 def selected_datasets(data) -> list[str]:
-    """The datasets a ``data`` params section selects (classification, then detection unless ``none``)."""
+    """The datasets a ``data`` params section selects (classification, then detection and segmentation
+    unless ``none``)."""
     names = [data.dataset]
     if data.detection_dataset != "none":
         names.append(data.detection_dataset)
+    if getattr(data, "segmentation_dataset", "none") != "none":
+        names.append(data.segmentation_dataset)
     return names

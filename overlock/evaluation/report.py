@@ -19,6 +19,7 @@ SECTIONS = (
     "Classification",
     "Calibration",
     "Detection",
+    "Segmentation",
     "Complexity",
     "Effective receptive field",
     "Grad-CAM",

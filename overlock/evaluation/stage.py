@@ -21,6 +21,8 @@ from overlock.compute import select_device
 from overlock.evaluation import plots as figures
 from overlock.evaluation.classification import confusion_matrix, per_class_accuracy, topk_accuracy
 from overlock.evaluation.report import DEMO_NOTE, Report, fmt, published_results, table
+from overlock.evaluation.segmentation import segmentation_section
+from overlock.evaluation.segmentation import summary_row as segmentation_summary_row
 from overlock.inference.calibrated import (
     DETECTOR_CALIBRATION_FILE,
     TEMPERATURE_FILE,
@@ -507,12 +509,13 @@ def run_evaluate(ctx: "StageContext") -> dict:
     params, run, out = ctx.params, ctx.run, ctx["out"]
     with ctx.publish() as staging:
         flat, per_class = _write_report(params, ctx["data"], ctx["classifier"], ctx["detector"],
-                                        ctx["calibration"], ctx.device, staging)
+                                        ctx["calibration"], ctx.device, staging, ctx.paths.get("segmenter"))
     ctx.write_plot([{"class": n, "accuracy": a} for n, a in per_class], ["class", "accuracy"])
     numeric = {
         k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    write_metrics_file(ctx["metrics"], {**numeric, "detection.status": flat.get("detection.status", "skipped")})
+    write_metrics_file(ctx["metrics"], {**numeric, "detection.status": flat.get("detection.status", "skipped"),
+                                        "segmentation.status": flat.get("segmentation.status", "missing")})
     if run is not None:
         run.log_summary(numeric)
         run.log_artifacts(out, "report")
@@ -522,7 +525,7 @@ def run_evaluate(ctx: "StageContext") -> dict:
 
 
 def _write_report(params: Params, data: Path, classifier: Path, detector: Path, calibration: Path, device,
-                  staging: Path) -> tuple[dict, list]:
+                  staging: Path, segmenter: Path | None = None) -> tuple[dict, list]:
     """Every section of the report, written into ``staging``; returns the flat metrics and per-class accuracy."""
     info = read_classifier_info(classifier)
     report = Report(f"OverLoCK pipeline report: {info.timm_name} on {params.data.dataset}")
@@ -530,6 +533,7 @@ def _write_report(params: Params, data: Path, classifier: Path, detector: Path, 
     flat = dict(cls["metrics"])
     calibration_section(calibration, staging, report)
     flat.update(detection_section(params, data, detector, staging, report, device, calibration))
+    flat.update(segmentation_section(segmenter, staging, report))
     flat.update(complexity_section(params, info, cls["model"], staging, report, device))
     flat.update(erf_section(params, cls["model"], cls["val"], info, staging, report))
     gradcam_section(params, cls["model"], cls["val"], info, cls["temperature"], staging, report)
@@ -553,6 +557,8 @@ def _write_report(params: Params, data: Path, classifier: Path, detector: Path, 
         summary.append(
             ["box / mask AP", f"{fmt(flat.get('detection.bbox_AP'))} / {fmt(flat.get('detection.segm_AP'))}"]
         )
+    if segmentation_summary_row(flat):
+        summary.append(segmentation_summary_row(flat))
     summary.append(
         [
             "params / GFLOPs (train form)",

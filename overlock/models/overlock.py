@@ -540,9 +540,13 @@ class OverLoCKBackbone(_OverLoCKTrunk):
     ``frozen_stages``: ``k`` >= 1 freezes (eval mode, no gradients) the modules of levels 0..k-1; level 1
     includes ``extra_norm[1]`` (it feeds stage 3), level 2 the Overview-Net (``patch_embed4``, ``blocks4``,
     ``high_level_proj``) that guides it.
+
+    ``overview_fusion=False`` gives the official segmentation variant: level 3 is the LayerNormed stage-4
+    output alone (no ``h_proj`` and no fifth ``extra_norm``), everything else is the same.
     """
 
-    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1, **kwargs):
+    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
+                 overview_fusion: bool = True, **kwargs):
         for drop in ("num_classes", "projection", "use_ds"):  # classifier-only arguments are accepted
             kwargs.pop(drop, None)
         super().__init__(*args, **kwargs)
@@ -552,14 +556,17 @@ class OverLoCKBackbone(_OverLoCKTrunk):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         embed_dim = self.embed_dim
-        self.h_proj = nn.Sequential(
-            nn.Conv2d(embed_dim[-1], self.fusion_dim, 1),
-            LayerScale(self.fusion_dim, init_value=1e-5),
-        )
+        self.overview_fusion = overview_fusion
+        if overview_fusion:
+            self.h_proj = nn.Sequential(
+                nn.Conv2d(embed_dim[-1], self.fusion_dim, 1),
+                LayerScale(self.fusion_dim, init_value=1e-5),
+            )
         self.pyramid_channels = (embed_dim[0], embed_dim[1], embed_dim[2] + self.ctx_dim, self.fusion_dim)
         self.out_channels = tuple(self.pyramid_channels[i] for i in out_indices)
         self.extra_norm = nn.ModuleList(LayerNorm2d(c) for c in self.pyramid_channels)
-        self.extra_norm.append(LayerNorm2d(embed_dim[-1]))
+        if overview_fusion:
+            self.extra_norm.append(LayerNorm2d(embed_dim[-1]))
         self.apply(self._init_weights)
         self._freeze_stages()
 
@@ -569,7 +576,7 @@ class OverLoCKBackbone(_OverLoCKTrunk):
             [self.patch_embed2, self.blocks2, self.extra_norm[1]],
             [self.patch_embed3, self.blocks3, self.patch_embed4, self.blocks4, self.high_level_proj,
              self.sub_blocks3],
-            [self.patch_embedx, self.sub_blocks4, self.h_proj],
+            [self.patch_embedx, self.sub_blocks4, *([self.h_proj] if self.overview_fusion else [])],
         ][level]
 
     def _freeze_stages(self) -> None:
@@ -589,7 +596,9 @@ class OverLoCKBackbone(_OverLoCKTrunk):
         x1 = self.extra_norm[1](x1)  # official: stage 3 runs on the normalised level-1 output
         x, ctx = self.forward_base_features(x1)
         stage3, x, overview = self.forward_sub_features(x, ctx)
-        x3 = self.extra_norm[3](x) + self.h_proj(self.extra_norm[4](overview))
+        x3 = self.extra_norm[3](x)
+        if self.overview_fusion:
+            x3 = x3 + self.h_proj(self.extra_norm[4](overview))
         levels = (self.extra_norm[0](x0), x1, self.extra_norm[2](stage3), x3)
         return tuple(levels[i] for i in self.out_indices)
 
@@ -618,7 +627,7 @@ def create_overlock(size: str, *, dense: bool = False, **overrides) -> nn.Module
     (``num_classes``, ``drop_path_rate``, ``out_indices``, ...). Unknown sizes raise with the valid list.
     """
     arch = overlock_arch(size)
-    if dense:
+    if dense:  # overview_fusion=False in overrides: the segmentation variant
         return OverLoCKBackbone(**{**arch, **overrides})
     import timm  # local: timm.create_model resolves our registered names
 

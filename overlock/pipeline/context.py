@@ -52,7 +52,7 @@ class StageContext:
     def __init__(self, spec: StageSpec, params: Params, paths: dict[str, Path], run: StageRun | None = None,
                  device: torch.device | None = None):
         unknown = sorted(set(paths) - {p.name for p in spec.paths})
-        missing = sorted({p.name for p in spec.paths} - set(paths))
+        missing = sorted({p.name for p in spec.paths if not p.optional} - set(paths))
         if unknown or missing:
             raise TypeError(f"stage {spec.name}: unknown path(s) {unknown}, missing path(s) {missing}; "
                             f"its paths are {', '.join(p.name for p in spec.paths)}")

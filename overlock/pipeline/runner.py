@@ -22,7 +22,8 @@ def stage_parser(spec: StageSpec, prog: str | None = None) -> argparse.ArgumentP
                         help="must equal model.size in the params file (dvc.yaml passes ${model.size}: DVC's run "
                              "cache ignores params named 'size', so the command itself carries it)")
     for option in spec.paths:
-        parser.add_argument(option.flag, dest=option.name, required=True, help=f"{option.help} ({option.dvc})")
+        parser.add_argument(option.flag, dest=option.name, required=not option.optional,
+                            help=f"{option.help} ({option.dvc}{'; optional' if option.optional else ''})")
     return parser
 
 
@@ -43,7 +44,8 @@ def run_stage(stage: str, argv: Sequence[str] | None = None, prog: str | None = 
         print(f"error: --model-size {args.model_size!r} does not match model.size {params.model.size!r} in "
               f"{args.params}; run the stage through `dvc repro` or pass the same value", file=sys.stderr)
         return 2
-    paths = {option.name: Path(getattr(args, option.name)) for option in spec.paths}
+    paths = {option.name: Path(getattr(args, option.name)) for option in spec.paths
+             if getattr(args, option.name) is not None}
     with open_stage(spec, params, **paths) as ctx:
         ctx.call()
     return 0

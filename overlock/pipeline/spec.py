@@ -35,6 +35,7 @@ OPERATIONAL = (
     "pretrain.log_every_steps", "pretrain.num_data_workers", "pretrain.cpus_per_worker", "pretrain.callbacks",
     "pretrain.min_workers", "pretrain.worker_resources",  # scale-out: where and on how many workers it runs
     "finetune.checkpoint_interval",
+    "segment.checkpoint_interval",
 )
 
 
@@ -47,6 +48,7 @@ class PathOption:
     dvc: str
     cache: bool = True          # DVC cache for an ``out`` (large extracted data: false)
     plot_file: str = ""         # the CSV inside a ``plots`` directory that dvc.yaml declares
+    optional: bool = False      # an input the stage function may go without (``ctx.paths.get``); dvc.yaml passes it
 
     @property
     def flag(self) -> str:
@@ -107,8 +109,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         help="fetch and verify the dataset archives (URLs, file:// or local paths; demo data is generated)",
         entry="stages/download.py", function="overlock.data.download:run_download",
         paths=_paths(out=("out", "directory the verified archives are written to", "data/archives", False)),
-        result_params=("seed", "data.dataset", "data.detection_dataset", "data.sources", "data.demo",
-                       "data.unverified_archives"),
+        result_params=("seed", "data.dataset", "data.detection_dataset", "data.segmentation_dataset",
+                       "data.sources", "data.demo", "data.unverified_archives"),
         code=("overlock/data/__init__.py", "overlock/data/download.py", "overlock/data/sources.py",
               "overlock/data/demo.py", "overlock/data/datasets.py", "overlock/data/own_sources.py",
               "overlock/reference/dataset_archives.json"),
@@ -124,7 +126,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         code=("overlock/data/__init__.py", "overlock/data/extract.py", "overlock/data/layouts.py",
               "overlock/data/demo.py", "overlock/data/sources.py", "overlock/data/datasets.py",
               "overlock/data/download.py", "overlock/data/own_sources.py", "overlock/data/own_layouts.py",
-              "overlock/data/coco_checks.py", "overlock/reference"),
+              "overlock/data/coco_checks.py", "overlock/data/seg_layouts.py", "overlock/reference"),
         model_size_arg=False, takes_context=False),
     StageSpec(
         name="pretrain",
@@ -151,6 +153,21 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
         resume_inputs="overlock.detection.finetune:input_fingerprint"),
     StageSpec(
+        name="segment",
+        help="UperNet semantic segmentation (mmseg, ADE20K layout) with pixel-wise temperature scaling",
+        entry="stages/segment.py", function="overlock.segmentation.stage:run_segment",
+        paths=_paths(data=DATASETS, classifier=CLASSIFIER,
+                     out=("out", "segmenter output directory", "models/segmenter"),
+                     metrics=("metrics", "DVC metrics JSON", "metrics/segment.json"),
+                     plots=("plots", "DVC plots directory", "plots/segment", True, "loss.csv")),
+        result_params=("seed", "data.segmentation_dataset", "data.calibration_per_class", "model", "segment",
+                       "compute"),
+        code=("overlock/segmentation", "overlock/detection", "overlock/compat.py", "overlock/data/__init__.py",
+              "overlock/data/datasets.py", "overlock/metrics", "overlock/calibration", "overlock/inference/__init__.py",
+              "overlock/inference/calibrated.py", "overlock/figures.py", *MODEL_CODE),
+        loads=("overlock.models", "overlock.segmentation.backbone"),
+        resume_inputs="overlock.segmentation.stage:input_fingerprint"),
+    StageSpec(
         name="calibrate",
         help="temperature scaling on the held-out split; detector score calibration",
         entry="stages/calibrate.py", function="overlock.calibration.stage:run_calibrate",
@@ -167,6 +184,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         entry="stages/evaluate.py", function="overlock.evaluation.stage:run_evaluate",
         paths=_paths(data=DATASETS, classifier=CLASSIFIER, detector=DETECTOR,
                      calibration=("in", "calibrate stage output", "models/calibration"),
+                     segmenter=("in", "segment stage output", "models/segmenter", True, "", True),
                      out=("out", "report directory", "reports"),
                      metrics=("metrics", "DVC metrics JSON", "metrics/evaluate.json"),
                      plots=("plots", "DVC plots directory", "plots/evaluate", True, "per_class_accuracy.csv")),

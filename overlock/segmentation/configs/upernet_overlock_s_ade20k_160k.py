@@ -1,0 +1,6 @@
+# OverLoCK-S + UperNet on ADE20K, 160k iterations, 8 GPUs x 2 images (official values).
+_base_ = ['_base_/upernet_overlock_ade20k_160k.py']
+model = dict(
+    backbone=dict(type='overlock_s', drop_path_rate=0.3),
+    decode_head=dict(in_channels=[64,128,448,640]),
+    auxiliary_head=dict(in_channels=448))
