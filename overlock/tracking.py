@@ -8,27 +8,32 @@ by a killed process is marked FAILED by the next stage that finds it — unless 
 
 Logging goes through :class:`StageRun`, which wraps ``MlflowClient`` with an explicit run id, so Ray workers
 (rank 0) can attach to the driver's run with :func:`attach_run`.
+
+Every run records (DESIGN.md 2): params, git commit and dirty flag, the DVC experiment name and baseline
+revision, torch/CUDA versions, CPU/GPU model, ``pip freeze``, MLflow system metrics (:class:`SystemMetrics`)
+and, through the stage kernel (:mod:`overlock.pipeline.records`), its log, its datasets as MLflow inputs and
+the dvc.lock hashes of its deps.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from overlock.compute import repo_root
 from overlock.params import Params
-from overlock.state import file_digest
 
 LAST_STAGE = "evaluate"
 TAG_KEY = "overlock.pipeline_key"
@@ -38,17 +43,27 @@ TAG_CLOSED = "overlock.closed"
 TAG_RESUME = "overlock.resume_key"
 
 
+def store_root(root: Path | None = None) -> Path:
+    """Where the default store lives: the repository the user runs DVC in. A queued or ``--temp`` experiment
+    runs in a throw-away copy under ``.dvc/tmp/exps/``; DVC names the real repository in $DVC_ROOT, so its
+    runs land in the same store as every other run (and not in the copy, deleted afterwards)."""
+    if root is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return (root or repo_root()).resolve()
+
+
 def tracking_uri(params: Params | None = None, root: Path | None = None) -> str:
-    """``tracking.uri``, else $MLFLOW_TRACKING_URI, else ``sqlite:///<repo>/mlflow.db`` made absolute."""
+    """``tracking.uri``, else $MLFLOW_TRACKING_URI, else ``sqlite:///<repo>/mlflow.db`` made absolute
+    (``<repo>``: :func:`store_root`)."""
     if params is not None and params.tracking.uri:
         uri = params.tracking.uri
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
     if not uri:
-        return f"sqlite:///{(root or repo_root()).resolve() / 'mlflow.db'}"
+        return f"sqlite:///{store_root(root) / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri[len("sqlite:///"):]
-        return f"sqlite:///{((root or repo_root()) / rel).resolve()}"
+        return f"sqlite:///{(store_root(root) / rel).resolve()}"
     return uri
 
 
@@ -90,29 +105,6 @@ def pipeline_key(root: Path | None = None) -> str:
     params_file = root / "params.yaml"
     digest = hashlib.sha256(params_file.read_bytes() if params_file.exists() else b"").hexdigest()[:12]
     return f"git:{commit[:12]}:params:{digest}"
-
-
-def stage_input_hashes(stage: str, root: Path | None = None) -> dict[str, str]:
-    """md5 of each dep of ``stage`` in dvc.yaml: from dvc.lock (upstream outs) or computed for files."""
-    root = root or repo_root()
-    try:
-        deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").exists() else {}
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return {}
-    known: dict[str, str] = {}
-    for st in (lock or {}).get("stages", {}).values():
-        for entry in st.get("outs", []) or []:
-            if "md5" in entry:
-                known[entry["path"]] = entry["md5"]
-    hashes = {}
-    for dep in deps:
-        dep = dep if isinstance(dep, str) else next(iter(dep))
-        if dep in known:
-            hashes[dep] = known[dep]
-        elif (root / dep).is_file():
-            hashes[dep] = file_digest(root / dep)
-    return hashes
 
 
 def environment_tags() -> dict[str, str]:
@@ -196,6 +188,37 @@ class StageRun:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
 
+    def log_datasets(self, records: list[dict], produced: bool = False) -> None:
+        """Log dataset splits as MLflow dataset inputs (``mlflow.data``): name, digest, source (the split's
+        folder or annotation file), profile (sizes) and the split as the input's context.
+        ``records``: :func:`overlock.data.datasets.split_records`; ``produced``: the stage wrote them."""
+        from mlflow.entities import DatasetInput, InputTag
+        inputs = []
+        for rec in records:
+            dataset = _split_dataset(rec)
+            tags = [InputTag("mlflow.data.context", rec["split"]), InputTag("overlock.task", rec["task"])]
+            if produced:
+                tags.append(InputTag("overlock.produced", "true"))
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_dvc_deps(self, hashes: dict[str, dict]) -> None:
+        """The stage's dep hashes as DVC computes them for dvc.lock: tags ``input.<path>`` (md5) and the
+        artifact ``dvc/deps.json`` (md5, size, nfiles)."""
+        if not hashes:
+            return
+        self.set_tags({f"input.{path}": entry["md5"] for path, entry in hashes.items()})
+        self.log_dict(hashes, "dvc/deps.json")
+
+    def start_system_metrics(self, node_id: str | None = None) -> "SystemMetrics | None":
+        """Start MLflow's system metrics for this run (see :class:`SystemMetrics`); None when unavailable."""
+        try:
+            return SystemMetrics(self, node_id=node_id).start()
+        except Exception as err:  # noqa: BLE001 - e.g. psutil missing: the stage runs without them
+            import logging
+            logging.getLogger(__name__).warning("system metrics not recorded: %s", err)
+            return None
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
@@ -268,6 +291,63 @@ class StageRun:
             self.client.set_terminated(self.parent_id, status="FINISHED")
 
 
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+class SystemMetrics:
+    """MLflow's system metrics of one run (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, disk, network and, where NVML sees GPUs, ``system/gpu_*``),
+    sampled by MLflow's own monitors.
+
+    One sample every ``interval`` seconds (10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides), logged at
+    once (a killed stage loses nothing already sampled), plus a last one at :meth:`stop`, so a stage shorter
+    than the interval records one too. :meth:`stop` returns at once: the sampler waits on an event, not in a
+    sleep. A resumed run continues the steps. ``node_id`` prefixes the keys (``system/<node>/...``)."""
+
+    def __init__(self, run: StageRun, node_id: str | None = None, interval: float | None = None):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        self.run = run
+        self._monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval or SYSTEM_METRICS_INTERVAL_S,
+                                             resume_logging=True, node_id=node_id, tracking_uri=run.uri)
+        self.interval = float(self._monitor.sampling_interval)
+        self.prefix = "system/" + (f"{self._monitor.node_id}/" if self._monitor.node_id else "")
+        self._step = self._monitor._logging_step
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "SystemMetrics":
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="system-metrics")
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        self._monitor.collect_metrics()
+        values = self._monitor.aggregate_metrics()
+        for monitor in self._monitor.monitors:
+            monitor.clear_metrics()
+        self.run.log_metrics({self.prefix + k: v for k, v in values.items()}, step=self._step)
+        self._step += 1
+
+    def _loop(self) -> None:
+        # prime psutil's CPU counters (kept per thread) so the first sample covers its interval, not 0 %
+        self._monitor.collect_metrics()
+        for monitor in self._monitor.monitors:
+            monitor.clear_metrics()
+        stopped = False
+        while not stopped:
+            stopped = self._stop.wait(self.interval)
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - a store hiccup costs a sample, never the stage
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+
 def attach_run(uri: str, run_id: str) -> StageRun:
     """Attach to an existing run (e.g. from a Ray worker) to log into it."""
     return StageRun(uri, run_id)
@@ -280,6 +360,24 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:////"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     return None
+
+
+def _split_dataset(rec: dict):
+    """An ``mlflow.data`` dataset for one split record (:func:`overlock.data.datasets.split_records`)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    class SplitDataset(MetaDataset):
+        """A split on disk: digest computed from its files, profile with its sizes."""
+
+        @property
+        def profile(self):
+            return rec["profile"]
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(rec["profile"])}
+
+    return SplitDataset(LocalArtifactDatasetSource(rec["source"]), name=rec["name"], digest=rec["digest"])
 
 
 def _experiment_id(client, name: str, uri: str = "") -> str:
@@ -328,8 +426,8 @@ def _fail_stale_children(client, exp_id: str, parent_id: str) -> None:
 def start_stage(stage: str, params: Params, resume_key: str | None = None,
                 root: Path | None = None) -> StageRun:
     """Find or create the pipeline's parent run and start (or resume) this stage's child run."""
+    uri = tracking_uri(params, root)  # root None: $DVC_ROOT's store for a queued experiment (store_root)
     root = root or repo_root()
-    uri = tracking_uri(params, root)
     client = _client(uri)
     exp_id = _experiment_id(client, params.tracking.experiment, uri)
     key = pipeline_key(root)
@@ -337,6 +435,8 @@ def start_stage(stage: str, params: Params, resume_key: str | None = None,
     exp_name = dvc_experiment_name()
     common = {TAG_KEY: key, "git.commit": commit, "git.dirty": str(dirty).lower(),
               "dvc.experiment": exp_name or "(none)", "mlflow.source.git.commit": commit}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        common["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
 
     parent = _find_parent(client, exp_id, key)
     if parent is None:
@@ -363,8 +463,7 @@ def start_stage(stage: str, params: Params, resume_key: str | None = None,
             tags[TAG_RESUME] = resume_key
         run_id = client.create_run(exp_id, run_name=stage, tags=tags).info.run_id
     run = StageRun(uri, run_id, parent_id, stage)
-    run.set_tags({"overlock.pid": os.getpid(), **environment_tags(),
-                  **{f"input.{k}": v for k, v in stage_input_hashes(stage, root).items()}})
+    run.set_tags({"overlock.pid": os.getpid(), **environment_tags()})
     run.log_params(params.model_dump(mode="json"))
     with tempfile.TemporaryDirectory() as tmp:
         freeze = Path(tmp) / "pip_freeze.txt"
@@ -377,13 +476,18 @@ def start_stage(stage: str, params: Params, resume_key: str | None = None,
 def stage_run(stage: str, params: Params, resume_key: str | None = None) -> Iterator[StageRun]:
     """Context manager: the stage's child run, ended FINISHED, or FAILED with the error on an exception."""
     run = start_stage(stage, params, resume_key=resume_key)
+    system = run.start_system_metrics()
     try:
         yield run
     except BaseException as err:  # KeyboardInterrupt/SystemExit too: nothing is left RUNNING
+        if system is not None:
+            system.stop()
         with contextlib.suppress(Exception):
             run.finish("FAILED", error=err)
         raise
     else:
+        if system is not None:
+            system.stop()
         run.finish("FINISHED")
 
 
@@ -393,5 +497,5 @@ def write_metrics_file(path: str | Path, metrics: dict[str, Any]) -> None:
     write_json_atomic(Path(path), metrics)
 
 
-__all__ = ["StageRun", "attach_run", "start_stage", "stage_run", "tracking_uri", "pipeline_key",
+__all__ = ["StageRun", "SystemMetrics", "attach_run", "start_stage", "stage_run", "tracking_uri", "pipeline_key",
            "write_metrics_file"]

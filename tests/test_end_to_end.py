@@ -165,6 +165,105 @@ def test_mlflow_has_one_parent_with_six_children(pipeline):
     assert client.get_model_version_by_alias("overlock-classifier", "latest-pipeline")
 
 
+# ---- complete run records (issue 20, item 3) ---------------------------------------------------------------
+def _artifact_text(client, run_id: str, path: str, dest: Path) -> str:
+    return Path(client.download_artifacts(run_id, path, str(dest))).read_text(errors="replace")
+
+
+def _classification_digest(root: Path, split: str) -> tuple[str, int]:
+    """md5 of classes.json then '<path>\t<bytes>' per sample in label order, written out independently."""
+    import hashlib
+    croot = root / "data/datasets/classification"
+    classes = json.loads((croot / "classes.json").read_text())
+    splits = json.loads((croot / "splits.json").read_text())
+    if split == "calibration":
+        rels = [p for p in splits["calibration"] if p not in splits["excluded"]]
+    else:
+        held = set(splits["excluded"]) | (set(splits["calibration"]) if split == "train" else set())
+        rels = [f"{split}/{c['id']}/{f.name}" for c in classes
+                for f in sorted((croot / split / c["id"]).iterdir(), key=lambda f: f.name)]
+        rels = [p for p in rels if p not in held]
+    h = hashlib.md5((croot / "classes.json").read_bytes())
+    for rel in rels:
+        h.update(f"{rel}\t{(croot / rel).stat().st_size}\n".encode())
+    return h.hexdigest(), len(rels)
+
+
+def _detection_digest(root: Path, split: str) -> tuple[str, int]:
+    import hashlib
+    droot = root / "data/datasets/detection"
+    ann_file, images = {"train": ("splits/train.json", "train2017"), "calibration": ("splits/calibration.json",
+                        "train2017"), "val": ("annotations/instances_val2017.json", "val2017")}[split]
+    blob = (droot / ann_file).read_bytes()
+    h = hashlib.md5(blob)
+    listed = json.loads(blob)["images"]
+    for im in listed:
+        h.update(f"{im['file_name']}\t{(droot / images / im['file_name']).stat().st_size}\n".encode())
+    return h.hexdigest(), len(listed)
+
+
+def test_every_stage_run_records_system_metrics_log_datasets_and_lock_hashes(pipeline, tmp_path):
+    """Each child run has MLflow system metrics, its own log (lines the user saw from `dvc repro`), the
+    datasets it read as MLflow inputs with digests recomputed here from the files, and the md5 of each of
+    its deps exactly as dvc.lock holds them."""
+    from overlock.pipeline.spec import STAGES as SPECS
+    root, first = pipeline
+    client, runs = _mlflow_runs(root)
+    parent = next(r for r in runs if r.data.tags.get("overlock.role") == "pipeline")
+    children = {r.data.tags["overlock.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    shown = first.stdout + first.stderr
+    demo = yaml.safe_load((root / "params.yaml").read_text())["data"]
+    sizes = {("classification", "train"): demo["demo"]["num_classes"] * (demo["demo"]["train_per_class"]
+                                                                         - demo["calibration_per_class"]),
+             ("classification", "calibration"): demo["demo"]["num_classes"] * demo["calibration_per_class"],
+             ("classification", "val"): demo["demo"]["num_classes"] * demo["demo"]["val_per_class"],
+             ("detection", "val"): demo["demo"]["coco_val_images"]}
+    for stage in STAGES:
+        child = children[stage]
+        run_id = child.info.run_id
+        # system metrics (sampled every 10 s and once at the end: at least one point, even for short stages)
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            assert client.get_metric_history(run_id, key), (stage, key, sorted(child.data.metrics))
+        assert child.data.metrics["system/system_memory_usage_megabytes"] > 0
+        # the stage's own log: what DVC showed the user, line for line
+        text = _artifact_text(client, run_id, f"logs/{stage}.log", tmp_path / stage)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        assert lines, f"empty log for {stage}"
+        missing = [ln for ln in lines if ln not in shown]
+        assert not missing, (stage, missing[:5])
+        # datasets as MLflow inputs, digests recomputed from the files
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        expected = SPECS[stage].datasets
+        got = {}
+        for item in inputs:
+            tags = {t.key: t.value for t in item.tags}
+            got[f"{tags['overlock.task']}/{tags['mlflow.data.context']}"] = item.dataset
+        assert sorted(got) == sorted(expected), (stage, sorted(got))
+        for key, dataset in got.items():
+            task, split = key.split("/")
+            digest, count = (_classification_digest if task == "classification" else _detection_digest)(root, split)
+            profile = json.loads(dataset.profile)
+            assert (dataset.digest, profile["num_images"]) == (digest, count), (stage, key)
+            if (task, split) in sizes:
+                assert count == sizes[(task, split)], (stage, key, count)
+            assert dataset.name == f"{demo['dataset' if task == 'classification' else 'detection_dataset']}/{split}"
+            assert json.loads(dataset.source)["uri"].startswith(str(root / "data/datasets"))
+        # the deps' md5 as dvc.lock holds them (tags and the dvc/deps.json artifact)
+        locked = {d["path"]: d["md5"] for d in lock[stage]["deps"]}
+        recorded = {k[len("input."):]: v for k, v in child.data.tags.items() if k.startswith("input.")}
+        assert recorded == locked, stage
+        deps = json.loads(_artifact_text(client, run_id, "dvc/deps.json", tmp_path / f"{stage}-deps"))
+        assert {k: v["md5"] for k, v in deps.items()} == locked
+    detection = {}
+    for item in client.get_run(children["extract"].info.run_id).inputs.dataset_inputs:
+        tags = {t.key: t.value for t in item.tags}
+        if tags["overlock.task"] == "detection":
+            detection[tags["mlflow.data.context"]] = json.loads(item.dataset.profile)["num_images"]
+    assert detection["train"] + detection["calibration"] == demo["demo"]["coco_train_images"], detection
+
+
 def test_second_repro_runs_no_stage(pipeline):
     root, _ = pipeline
     again = run(["dvc", "repro"], root)
@@ -224,3 +323,49 @@ def test_pretrain_output_is_progress_not_ray_internals(pipeline):
     lines = re.findall(r"\bepoch (\d+)/(\d+)  loss", out)
     assert lines == [(str(e), str(epochs)) for e in range(1, epochs + 1)], lines
     assert "full logs: " in out
+
+# ---- sweeps (issue 20, item 4) ------------------------------------------------------------------------------
+def test_queued_sweep_runs_each_experiment_as_its_own_mlflow_parent(pipeline):
+    """README "Sweeps", as a user runs it: two experiments queued with `dvc exp run --queue -S ...` and run by
+    `dvc queue start -j 2`. Only an evaluate param varies, so in DVC's temporary workspaces the earlier stages
+    come from the cache (the uncached data folders are copied in with -C) and each experiment runs evaluate
+    alone, logging into the repository's own MLflow store as its own parent run."""
+    import time
+    root, _ = pipeline
+    run(["git", "add", "-A"], root)  # the baseline the sweep starts from: the workspace as the tests left it
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sweep baseline", "--allow-empty"], root)
+    short = ["evaluate.erf_images=1", "evaluate.gradcam_images=1", "evaluate.detection_images=1",
+             "evaluate.throughput_batch=2"]
+    values = {"sweep-1": "1", "sweep-2": "2"}
+    for name, value in values.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.throughput_iters={value}",
+             *[a for k in short for a in ("-S", k)], "-C", "data/archives", "-C", "data/datasets"], root)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    for var in ("OVERLOCK_REPO", "MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "RAY_ADDRESS"):
+        env.pop(var, None)
+    # the workers outlive `dvc queue start` and keep its stdout: not a pipe, or reading it waits for them
+    started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, timeout=120,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert started.returncode == 0
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = run(["dvc", "queue", "status"], root).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(3)
+        assert all(re.search(rf"{name}\s+.*Success", status) for name in values), status
+    finally:
+        run(["dvc", "queue", "stop"], root, check=False)
+    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], root).stdout))
+    assert all(name in shown for name in values)
+    _, runs = _mlflow_runs(root)
+    for name, value in values.items():
+        (parent,) = [r for r in runs if r.data.tags.get("overlock.role") == "pipeline"
+                     and r.data.tags.get("dvc.experiment") == name]
+        assert parent.data.params["evaluate.throughput_iters"] == value
+        assert parent.data.params["evaluate.throughput_batch"] == "2"
+        assert parent.info.status == "FINISHED" and parent.data.tags.get("overlock.closed") == "true"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert [r.data.tags["overlock.stage"] for r in children] == ["evaluate"]  # the rest came from the cache
+        assert any(k.startswith("evaluate.") for k in parent.data.metrics)

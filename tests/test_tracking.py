@@ -1,4 +1,5 @@
 """MLflow lineage: one parent run per pipeline execution, one child per stage, nothing left RUNNING."""
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def repo(tmp_path, monkeypatch):
     monkeypatch.setenv("OVERLOCK_REPO", str(tmp_path))
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     return tmp_path
 
 
@@ -133,3 +135,41 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(rep
         run.log_artifact(note, "notes")
     assert list(store_dir.glob("mlartifacts/**/notes/note.txt")), sorted(store_dir.rglob("*"))
     assert not (elsewhere / "mlruns").exists()
+
+
+# ---- complete run records (issue 20, item 3) ----------------------------------------------------------------
+def test_queued_experiment_logs_into_the_dvc_repository_store(repo, monkeypatch, tmp_path_factory):
+    """DVC runs a queued experiment in a copy under .dvc/tmp/exps/ and names the real repository in
+    $DVC_ROOT: the default store is the real repository's, not the copy's (deleted afterwards)."""
+    copy = tmp_path_factory.mktemp("exps") / "tmpcopy"
+    copy.mkdir()
+    monkeypatch.setenv("OVERLOCK_REPO", str(copy))
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking.tracking_uri(parse_params({})) == f"sqlite:///{repo.resolve()}/mlflow.db"
+
+
+def test_system_metrics_record_a_stage_shorter_than_the_interval(repo, store):
+    params = _params(store, "system")
+    with tracking.stage_run("download", params) as run:
+        pass
+    client = MlflowClient(store)
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert len(client.get_metric_history(run.run_id, key)) == 1, key
+    assert client.get_run(run.run_id).data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_stage_log_copies_the_output_of_the_process_and_its_children(tmp_path, capfd):
+    """The tee works on file descriptors 1 and 2: a child process's output is logged and still shown."""
+    from overlock.pipeline.records import StageLog
+    log = StageLog(tmp_path / "logs" / "stage.log").start()
+    os.write(1, b"from the stage\n")
+    subprocess.run([sys.executable, "-c", "import sys; print('child out'); print('child err', file=sys.stderr)"],
+                   check=True)
+    log.write("written to the log only\n")
+    log.stop()
+    os.write(1, b"after stop\n")
+    text = (tmp_path / "logs" / "stage.log").read_text()
+    assert all(line in text for line in ("from the stage", "child out", "child err", "written to the log only"))
+    assert "after stop" not in text
+    out, err = capfd.readouterr()
+    assert "from the stage" in out and "child out" in out and "after stop" in out and "child err" in err

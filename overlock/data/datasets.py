@@ -9,6 +9,7 @@ mmsegmentation's datasets read it through :func:`segmentation_split_files`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -135,3 +136,52 @@ def segmentation_classes(data_dir: str | Path) -> list[str]:
     files = segmentation_split_files(data_dir)
     path = Path(files["train"]["split"]).parent.parent / "classes.json"
     return json.loads(path.read_text()) if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------- run records
+def _listing_digest(lines: list[str], *blobs: bytes) -> str:
+    h = hashlib.md5()
+    for blob in blobs:
+        h.update(blob)
+    for line in lines:
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()
+
+
+def classification_split_record(data_dir: str | Path, split: str, name: str) -> dict:
+    """A classification split for the run records: digest = md5 of ``classes.json`` then one
+    ``<path relative to classification/>\\t<bytes>`` line per sample in label order (file sizes, not
+    contents: a stat per image, cheap at ImageNet scale; any added, removed, moved or resized image changes it)."""
+    root = classification_root(data_dir)
+    samples = classification_samples(root, split)
+    lines = [f"{Path(p).relative_to(root).as_posix()}\t{os.stat(p).st_size}" for p, _ in samples]
+    return {"name": f"{name}/{split}", "task": "classification", "split": split, "source": str(root / ("splits.json" if split == "calibration" else split)),
+            "digest": _listing_digest(lines, (root / "classes.json").read_bytes()),
+            "profile": {"num_images": len(samples), "num_classes": len(load_classes(root))}}
+
+
+def detection_split_record(data_dir: str | Path, split: str, name: str) -> dict:
+    """A detection split for the run records: digest = md5 of its COCO annotation file then one
+    ``<file_name>\\t<bytes>`` line per image it lists."""
+    ann_file, image_dir = coco_split_files(detection_root(data_dir))[split]
+    blob = Path(ann_file).read_bytes()
+    ann = json.loads(blob)
+    lines = [f"{im['file_name']}\t{os.stat(Path(image_dir) / im['file_name']).st_size}" for im in ann["images"]]
+    return {"name": f"{name}/{split}", "task": "detection", "split": split, "source": ann_file,
+            "digest": _listing_digest(lines, blob),
+            "profile": {"num_images": len(ann["images"]), "num_annotations": len(ann.get("annotations", [])),
+                        "num_categories": len(ann.get("categories", []))}}
+
+
+def split_records(data_dir: str | Path, splits: tuple[str, ...], names: dict[str, str]) -> list[dict]:
+    """Records (name, split, digest, source, profile) of ``splits`` such as ``"classification/train"``,
+    ``"detection/val"``; those absent from ``data_dir`` (e.g. no detection dataset) are left out.
+    ``names``: the dataset name per task (``data.dataset``, ``data.detection_dataset``)."""
+    records = []
+    for item in splits:
+        task, split = item.split("/")
+        if task == "classification" and (classification_root(data_dir) / "classes.json").exists():
+            records.append(classification_split_record(data_dir, split, names[task]))
+        elif task == "detection" and (detection_root(data_dir) / "annotations").is_dir():
+            records.append(detection_split_record(data_dir, split, names[task]))
+    return records

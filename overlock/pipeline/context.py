@@ -8,8 +8,8 @@ tests and notebooks directly)::
 
 It configures compute (threads, ContMix backend, seed), computes the state directory once
 (``.overlock/state/<stage>/<hash of the result params, the code deps and the input fingerprint>/``), opens the
-stage's MLflow child run (resuming the unfinished one of the same state directory) and ends it FINISHED or
-FAILED. Stage functions publish their outputs through :meth:`StageContext.publish`.
+stage's MLflow child run (resuming the unfinished one of the same state directory) with its system metrics,
+log, datasets and dvc.lock hashes (:mod:`overlock.pipeline.records`) and ends it FINISHED or FAILED. Stage functions publish their outputs through :meth:`StageContext.publish`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from overlock.backends import contmix_backend, set_contmix_backend
 from overlock.catalog import load_object
 from overlock.compute import configure, repo_root
 from overlock.params import Params
+from overlock.pipeline.records import stage_records
 from overlock.pipeline.spec import KERNEL_CODE, STAGES, StageSpec, result_values
 from overlock.state import STATE_ROOT, staged_dir, write_csv_atomic
 from overlock.tracking import StageRun, stage_run
@@ -124,6 +125,7 @@ def open_stage(stage: str | StageSpec, params: Params, track: bool = True, **pat
             return
         with stage_run(spec.name, params, resume_key=ctx.resume_key) as run:
             ctx.run = run
-            yield ctx
+            with stage_records(ctx):  # the stage's log, datasets and dvc.lock hashes (records.py)
+                yield ctx
     finally:
         set_contmix_backend(backend)

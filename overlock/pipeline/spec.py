@@ -20,7 +20,8 @@ Role = Literal["in", "out", "metrics", "plots"]
 # Code every stage runs through the kernel (entry point -> runner -> context -> tracking/params/state/compute)
 KERNEL_CODE = ("overlock/__init__.py", "overlock/pipeline/__init__.py", "overlock/pipeline/context.py",
                "overlock/pipeline/runner.py", "overlock/backends.py", "overlock/compute.py", "overlock/params.py",
-               "overlock/registry.py", "overlock/catalog.py", "overlock/state.py", "overlock/tracking.py")
+               "overlock/registry.py", "overlock/catalog.py", "overlock/state.py", "overlock/tracking.py",
+               "overlock/pipeline/records.py")
 # The descriptions themselves are not a dep: everything they say that DVC acts on is written in the stage's
 # own dvc.yaml entry (cmd, deps, params, outs), which DVC compares stage by stage; the check is a test.
 DESCRIPTION_FILES = ("overlock/pipeline/spec.py",)
@@ -69,6 +70,8 @@ class StageSpec:
     resume_inputs: str = ""                 # "module:function" fingerprinting the inputs (state dir + resume key)
     model_size_arg: bool = True             # dvc.yaml passes --model-size ${model.size} (DVC's run cache)
     takes_context: bool = True              # fn(ctx); the data stages keep fn(params, run, **paths)
+    datasets: tuple[str, ...] = ()          # splits recorded as MLflow dataset inputs ("classification/train")
+    datasets_path: str = "data"             # the path option holding them (an "out": the stage produces them)
 
     @property
     def entry_command(self) -> str:
@@ -122,6 +125,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         paths=_paths(archives=("in", "directory of verified archives (download stage output)", "data/archives"),
                      out=("out", "root of the extracted datasets", "data/datasets", False),
                      metrics=("metrics", "integrity report (DVC metrics JSON)", "metrics/data.json")),
+        datasets=("classification/train", "classification/calibration", "classification/val", "detection/train",
+                  "detection/calibration", "detection/val"), datasets_path="out",
         result_params=("seed", "data"),
         code=("overlock/data/__init__.py", "overlock/data/extract.py", "overlock/data/layouts.py",
               "overlock/data/demo.py", "overlock/data/sources.py", "overlock/data/datasets.py",
@@ -138,7 +143,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      plots=("plots", "DVC plots directory", "plots/pretrain", True, "epochs.csv")),
         result_params=("seed", "data.dataset", "data.calibration_per_class", "model", "pretrain", "compute"),
         code=("overlock/training", "overlock/data/__init__.py", "overlock/data/datasets.py", *MODEL_CODE),
-        resume_inputs="overlock.training.pretrain:input_fingerprint"),
+        resume_inputs="overlock.training.pretrain:input_fingerprint",
+        datasets=("classification/train", "classification/val")),
     StageSpec(
         name="finetune",
         help="MMDetection COCO fine-tuning (Mask R-CNN / Faster R-CNN) or evaluation of a detector",
@@ -151,7 +157,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         code=("overlock/detection", "overlock/compat.py", "overlock/data/__init__.py",
               "overlock/data/datasets.py", *MODEL_CODE),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
-        resume_inputs="overlock.detection.finetune:input_fingerprint"),
+        resume_inputs="overlock.detection.finetune:input_fingerprint",
+        datasets=("detection/train", "detection/val")),
     StageSpec(
         name="segment",
         help="UperNet semantic segmentation (mmseg, ADE20K layout) with pixel-wise temperature scaling",
@@ -177,7 +184,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      plots=("plots", "DVC plots directory", "plots/calibrate", True, "reliability.csv")),
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "calibrate", "compute"),
         code=(*CLASSIFIER_AND_DETECTOR_CODE, "overlock/serving"),  # it registers the served models
-        loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
+        loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
+        datasets=("classification/calibration", "detection/calibration")),
     StageSpec(
         name="evaluate",
         help="accuracy, COCO AP, params/FLOPs, throughput, ERF, Grad-CAM and the report",
@@ -191,7 +199,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         result_params=("seed", "data.dataset", "data.detection_dataset", "model", "finetune.detector",
                        "finetune.schedule", "calibrate.bins", "evaluate", "compute"),
         code=(*CLASSIFIER_AND_DETECTOR_CODE, "overlock/reference"),
-        loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones")),
+        loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
+        datasets=("classification/val", "detection/val")),
 )}
 
 
