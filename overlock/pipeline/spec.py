@@ -34,6 +34,7 @@ OPERATIONAL = (
     "pretrain.storage_path", "pretrain.ray_address", "pretrain.max_failures", "pretrain.checkpoints_to_keep",
     "pretrain.log_every_steps", "pretrain.num_data_workers", "pretrain.cpus_per_worker", "pretrain.callbacks",
     "finetune.checkpoint_interval",
+    "pretrain.grad_checkpointing",    # recomputes activations: identical gradients (issue 23)
 )
 
 
