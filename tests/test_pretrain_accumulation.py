@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from overlock.backends import contmix_backend_override
 from overlock.params import ParamsError, parse_params
 from overlock.training import recipe
 from overlock.training.memory_plan import (GIB, MemoryPlanError, MemoryProfile, apply_plan, full_checkpointing,
                                            modelled_profile, plan_memory)
 from overlock.training.step import OptimizerStep
 
-TINY = {"depth": [1, 1, 2, 1], "sub_depth": [2, 1], "embed_dim": [8, 16, 32, 48], "sub_num_heads": [1, 2],
+TINY = {"depth": [1, 1, 1, 1], "sub_depth": [1, 1], "embed_dim": [8, 16, 32, 48], "sub_num_heads": [1, 2],
         "kernel_size": [5, 5, 5, 5], "projection": 32}
 SIZE, CLASSES = 32, 4
 
@@ -64,22 +63,21 @@ def _data(n: int, seed: int):
 
 
 def test_accumulated_micro_batches_give_the_update_of_one_large_batch():
-    """4 micro-batches of 2 with accumulation == 1 batch of 8: weights, EMA, LR, loss (2 steps, float64)."""
+    """3 micro-batches of 2 with accumulation == 1 batch of 6: weights, EMA, LR, loss (2 steps, float64)."""
     params = _params()
-    with contmix_backend_override("gather"):
-        runs = {}
-        for accum in (1, 4):
-            model = _freeze_bn(_tiny(params))
-            step, optimizer, ema = _stepper(params, model, accum)
-            losses = []
-            for n in range(2):
-                images, targets = _data(8, seed=n)
-                micro = zip(images.split(8 // accum), targets.split(8 // accum))
-                result = step(micro, n + 1)
-                assert (result.micro_batches, result.images) == (accum, 8)
-                losses.append(result.loss)
-            runs[accum] = (model.state_dict(), ema.module.state_dict(), optimizer.param_groups[0]["lr"], losses)
-    (w1, e1, lr1, l1), (w4, e4, lr4, l4) = runs[1], runs[4]
+    runs = {}
+    for accum in (1, 3):
+        model = _freeze_bn(_tiny(params))
+        step, optimizer, ema = _stepper(params, model, accum)
+        losses = []
+        for n in range(2):
+            images, targets = _data(6, seed=n)
+            micro = zip(images.split(6 // accum), targets.split(6 // accum))
+            result = step(micro, n + 1)
+            assert (result.micro_batches, result.images) == (accum, 6)
+            losses.append(result.loss)
+        runs[accum] = (model.state_dict(), ema.module.state_dict(), optimizer.param_groups[0]["lr"], losses)
+    (w1, e1, lr1, l1), (w4, e4, lr4, l4) = runs[1], runs[3]
     assert lr1 == lr4 and l1 == pytest.approx(l4, rel=1e-12, abs=0)
     for key in w1:
         torch.testing.assert_close(w4[key], w1[key], rtol=1e-10, atol=1e-12, msg=key)
@@ -113,10 +111,9 @@ def test_accumulating_micro_batches_do_not_all_reduce(tmp_path):
 
 def test_too_few_micro_batches_fail_the_step():
     params = _params()
-    with contmix_backend_override("gather"):
-        step, _, _ = _stepper(params, _tiny(params), accum=3)
-        with pytest.raises(RuntimeError, match="got 2 of its 3 micro-batches"):
-            step(iter([_data(2, 0), _data(2, 1)]), 1)
+    step, _, _ = _stepper(params, _tiny(params), accum=3)
+    with pytest.raises(RuntimeError, match="got 2 of its 3 micro-batches"):
+        step(iter([_data(1, 0), _data(1, 1)]), 1)
 
 
 def test_global_batch_accumulation_and_learning_rate_rule():
@@ -140,15 +137,14 @@ def test_grad_checkpointing_gives_identical_gradients():
     params = parse_params({"model": {"overrides": TINY, "drop_path_rate": 0.2}})
     images, targets = _data(2, seed=5)
     grads = {}
-    with contmix_backend_override("gather"):
-        for counts in ([0, 0, 0, 0], [1, 0, 2, 1]):
-            model = _tiny(params, seed=3).train()
-            assert recipe.apply_grad_checkpointing(model, counts) == (0 if counts[0] == 0 else 1 + 2 + 2 + 1 + 1)
-            torch.manual_seed(7)  # the same drop-path draws; checkpoint replays them in the recomputation
-            out = model(images)
-            recipe.recipe_loss(nn.CrossEntropyLoss(), out, targets, 0.4).backward()
-            grads[tuple(counts)] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    plain, ckpt = grads[(0, 0, 0, 0)], grads[(1, 0, 2, 1)]
+    for counts in ([0, 0, 0, 0], [1, 0, 1, 1]):
+        model = _tiny(params, seed=3).train()
+        assert recipe.apply_grad_checkpointing(model, counts) == (0 if counts[0] == 0 else 1 + 2 + 2)
+        torch.manual_seed(7)  # the same drop-path draws; checkpoint replays them in the recomputation
+        out = model(images)
+        recipe.recipe_loss(nn.CrossEntropyLoss(), out, targets, 0.4).backward()
+        grads[tuple(counts)] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    plain, ckpt = grads[(0, 0, 0, 0)], grads[(1, 0, 1, 1)]
     assert plain.keys() == ckpt.keys() and len(plain) > 50
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-13, msg=name)
@@ -179,35 +175,36 @@ def test_modelled_profile_and_plan_for_a_real_model():
     """The CPU-modelled per-sample memory of a tiny OverLoCK: checkpointing keeps fewer activations, and the
     planned params reach the global batch with the plan's batch size."""
     params = parse_params({"model": {"overrides": TINY}, "pretrain": {"input_size": SIZE, "global_batch": 256}})
-    with contmix_backend_override("gather"):
-        model = recipe.build_model(params, CLASSES)
-        profile = modelled_profile(model, SIZE, "fp32")
+    model = recipe.build_model(params, CLASSES)
+    profile = modelled_profile(model, SIZE, "fp32")
     off, on = profile.per_sample_bytes["off"], profile.per_sample_bytes["on"]
     assert 0 < on < off and profile.fixed_bytes == 20 * sum(p.numel() for p in model.parameters())
     assert not any(m.use_checkpoint for m in model.modules() if hasattr(m, "use_checkpoint"))  # restored
     budget = profile.fixed_bytes + 20 * on  # room for 20 checkpointed images per worker
     plan = plan_memory(profile, budget, 2, 256, full_checkpointing(model))
     planned = apply_plan(params, plan).pretrain
-    assert plan.grad_checkpointing == [1, 1, 2, 1] and plan.batch_size == 16
+    assert plan.grad_checkpointing == [1, 1, 1, 1] and plan.batch_size == 16
     assert recipe.accumulation_steps(planned, 2) == plan.accum_steps == 8
     assert recipe.learning_rate(planned.model_copy(update={"lr": None}), 2) == pytest.approx(1e-3 * 256 / 1024)
 
 
-@pytest.mark.parametrize("head,attention", [("fpn", "none"), ("plain", "cbam"), ("fpn", "cbam")])
-def test_head_variants_train_through_the_real_step(head, attention):
-    params = _params(head=head, attention=attention)
-    with contmix_backend_override("gather"):
-        plain = _tiny(_params(), seed=2)
-        model = _tiny(params, seed=2)
-        assert set(plain.state_dict()) < set(model.state_dict())  # the plain names are all there, unchanged
-        model.load_state_dict(plain.state_dict(), strict=False)
-        x, y = _data(4, seed=9)
-        if head == "fpn" and attention == "none":  # zero-initialised fusion: the plain function at init
-            torch.testing.assert_close(model.eval()(x), plain.eval()(x))
-        model.train()
-        before = copy.deepcopy(model.state_dict())
-        step, _, _ = _stepper(params, model, accum=2)
-        result = step(zip(x.split(2), y.split(2)), 1)
+def test_fpn_head_starts_as_the_plain_model():
+    """The zero-initialised pyramid fusion: the plain model's function (its weights load by name)."""
+    plain, fpn = _tiny(_params(), seed=2), _tiny(_params(head="fpn"), seed=2)
+    assert set(plain.state_dict()) < set(fpn.state_dict())  # the plain names are all there, unchanged
+    fpn.load_state_dict(plain.state_dict(), strict=False)
+    x, _ = _data(2, seed=9)
+    torch.testing.assert_close(fpn.eval()(x), plain.eval()(x))
+
+
+def test_head_variants_train_through_the_real_step():
+    """FPN-fused head + CBAM (model.head / model.attention) through OptimizerStep with accumulation."""
+    params = _params(head="fpn", attention="cbam")
+    model = _tiny(params, seed=2).train()
+    x, y = _data(4, seed=9)
+    before = copy.deepcopy(model.state_dict())
+    step, _, _ = _stepper(params, model, accum=2)
+    result = step(zip(x.split(2), y.split(2)), 1)
     assert torch.isfinite(torch.tensor(result.loss))
     new = [k for k in model.state_dict() if k.startswith(("pyramid_fusion.", "cbam.")) and "running" not in k
            and "num_batches" not in k]

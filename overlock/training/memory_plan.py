@@ -73,10 +73,13 @@ class MemoryPlan:
     grad_checkpointing: list
     estimated_peak_gib: float
     profile: str
+    batch_without_checkpointing: int | None = None  # the largest fitting batch without it (0: none fits)
 
     def describe(self) -> str:
         """The plan as the pipeline prints it."""
-        ckpt = "off" if not any(self.grad_checkpointing) else f"blocks per stage {self.grad_checkpointing}"
+        ckpt = "off" if not any(self.grad_checkpointing) else (
+            f"blocks per stage {self.grad_checkpointing} (without it: at most {self.batch_without_checkpointing} "
+            "per worker)")
         return (f"memory plan ({self.preset}, budget {self.budget_gib:.1f} GiB per GPU): global batch "
                 f"{self.global_batch} = {self.workers} workers x {self.batch_size} per worker x "
                 f"{self.accum_steps} accumulation steps; activation checkpointing {ckpt}; estimated peak "
@@ -119,7 +122,8 @@ def plan_memory(profile: MemoryProfile, budget: float, workers: int, global_batc
     return MemoryPlan(preset=preset, budget_gib=budget / GIB, workers=workers, global_batch=global_batch,
                       batch_size=batch, accum_steps=per_worker // batch,
                       grad_checkpointing=list(checkpoint_all) if use_ckpt else [0, 0, 0, 0],
-                      estimated_peak_gib=profile.peak(batch, use_ckpt) / GIB, profile=profile.source)
+                      estimated_peak_gib=profile.peak(batch, use_ckpt) / GIB, profile=profile.source,
+                      batch_without_checkpointing=off or 0)
 
 
 # -- profiles ---------------------------------------------------------------------------------------
