@@ -5,7 +5,7 @@ A :class:`MemoryProfile` says how a training step's peak memory grows with the p
 ``fixed + batch x per_sample`` (fixed: weights, gradients, AdamW state, EMA; per sample: activations kept
 for the backward, with and without checkpointing). It comes from
 
-* :func:`modelled_profile` (the presets 11gb/24gb/40gb/80gb): a batch-1 forward on the CPU whose saved
+* :func:`modelled_profile` (the presets 11gb/24gb/40gb/80gb): a batch-2 forward on the CPU whose saved
   tensors are counted by autograd's saved-tensor hooks, per block, which gives the activations with every
   block stored and with every block checkpointed (block inputs + one block recomputed), scaled for AMP and
   the backward's temporaries; or
@@ -132,7 +132,7 @@ def _is_block(module: nn.Module) -> bool:
 
 
 def modelled_profile(model: nn.Module, input_size: int, precision: str) -> MemoryProfile:
-    """A profile from one batch-1 CPU forward of ``model`` (train mode) at ``input_size``: the bytes
+    """A profile from one batch-2 CPU forward of ``model`` (train mode) at ``input_size``: the bytes
     autograd saves for the backward, attributed to the top-level blocks (modules with ``use_checkpoint``)."""
     saved = {"total": 0, "block": 0}
     seen: set[int] = set()
@@ -161,7 +161,7 @@ def modelled_profile(model: nn.Module, input_size: int, precision: str) -> Memor
         m.use_checkpoint = False
     try:
         model.train()
-        x = torch.randn(1, 3, input_size, input_size)
+        x = torch.randn(2, 3, input_size, input_size)  # 2: BatchNorm on a 1x1 map needs more than one value
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x)
     finally:
@@ -172,8 +172,8 @@ def modelled_profile(model: nn.Module, input_size: int, precision: str) -> Memor
         model.train(was_training)
     inside = sum(b for b, _ in per_block)
     outside = saved["total"] - inside
-    off = saved["total"]
-    on = outside + sum(i for _, i in per_block) + max((b for b, _ in per_block), default=0)
+    off = saved["total"] / 2
+    on = (outside + sum(i for _, i in per_block) + max((b for b, _ in per_block), default=0)) / 2
     scale = BACKWARD_TEMPORARIES * (AMP_ACTIVATION_FACTOR if precision in ("bf16", "fp16") else 1.0)
     params = sum(p.numel() for p in model.parameters())
     return MemoryProfile(fixed_bytes=params * BYTES_PER_PARAM, per_sample_bytes={"off": off * scale, "on": on * scale},
