@@ -154,6 +154,8 @@ def modelled_profile(model: nn.Module, input_size: int, precision: str) -> Memor
         inputs = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
         per_block.append((saved["block"], inputs))
 
+    # weights saved for the backward are parameters (in the fixed bytes), not activations
+    seen.update(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
     blocks = [m for m in model.modules() if _is_block(m)]
     handles = [h for m in blocks for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     was_training, flags = model.training, [m.use_checkpoint for m in blocks]
