@@ -98,6 +98,9 @@ class ModelParams(_Section):
     # constructor overrides (depth, sub_depth, embed_dim, kernel_size, ...) for a model smaller than XT
     overrides: dict[str, Any] = Field(default_factory=dict)
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    # classifier variants (OverLoCK only; overlock/models/heads.py): fpn = pyramid levels fused before pooling
+    head: Literal["plain", "fpn"] = "plain"
+    attention: Literal["none", "cbam"] = "none"
 
     @field_validator("arch")
     @classmethod
@@ -122,7 +125,23 @@ class ModelParams(_Section):
         unknown = sorted(set(self.overrides) - allowed)
         if unknown:
             raise ValueError(f"unknown model.overrides key(s) {unknown}; valid: {', '.join(sorted(allowed))}")
+        if self.arch != "overlock" and (self.head != "plain" or self.attention != "none"):
+            raise ValueError(f"model.head={self.head!r} / model.attention={self.attention!r} are OverLoCK variants; "
+                             f"with model.arch={self.arch!r} keep model.head=plain and model.attention=none")
         return self
+
+    def variant_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the chosen head variant (empty for the plain model)."""
+        out: dict[str, Any] = {}
+        if self.head != "plain":
+            out["head_type"] = self.head
+        if self.attention != "none":
+            out["attention"] = self.attention
+        return out
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """``overrides`` plus the variant's arguments: what the classifier is built with (model.json)."""
+        return {**self.overrides, **self.variant_kwargs()}
 
 
 class CallbackParams(_Section):
@@ -191,6 +210,25 @@ class PretrainParams(_Section):
             raise ValueError(f"pretrain.min_workers={self.min_workers} is above pretrain.workers={self.workers} "
                              "(the most workers); set min_workers <= workers, or null for a fixed worker count")
         return self
+
+    # -- fitting the recipe on fewer/smaller GPUs (README "Reproducing the paper on fewer GPUs") --
+    # images per optimizer step = workers x batch_size x accumulation steps; None: workers x batch_size (no
+    # accumulation). The official recipe: 2048. The LR rule (lr: null) uses this global batch
+    global_batch: int | None = Field(None, ge=1)
+    # blocks recomputed in the backward pass per stage (official --ckpt-stg; stages 1-4, Focus-Net blocks of
+    # stages 3/4 included); identical gradients, less activation memory; a result param: recomputed
+    # BatchNorms update their running statistics twice (as the official code does)
+    grad_checkpointing: list[int] = Field(default_factory=lambda: [0, 0, 0, 0], min_length=4, max_length=4)
+    # none: batch_size/grad_checkpointing as given | auto (measure on the GPU) | 11gb/24gb/40gb/80gb: the
+    # planner picks batch_size, accumulation and checkpointing that fit and keep global_batch
+    memory_preset: Literal["none", "auto", "11gb", "24gb", "40gb", "80gb"] = "none"
+
+    @field_validator("grad_checkpointing")
+    @classmethod
+    def _non_negative_blocks(cls, v: list[int]) -> list[int]:
+        if any(n < 0 for n in v):
+            raise ValueError(f"grad_checkpointing counts blocks per stage (4 values >= 0), got {v}")
+        return v
 
     @field_validator("callbacks", mode="before")
     @classmethod

@@ -402,6 +402,8 @@ def complexity_section(
         label = (
             "n/a (reduced demo model via model.overrides)"
             if params.model.overrides
+            else f"n/a for the variant (model.head={params.model.head}, model.attention={params.model.attention})"
+            if params.model.variant_kwargs()
             else (
                 f"{ref['params_m']} M params, {ref['gflops']} GFLOPs at {ref['input']} px (paper); official "
                 f"definitions: {counts['reparam_no_aux'] / 1e6:.3f} M re-parameterized without aux head, "

@@ -34,7 +34,7 @@ AUTO_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DETECTOR_BACKBONE_PREFIX = "backbone."
 # Parts of one model kind that another kind lacks: dropped (and reported) when the target has none of them.
-CLASSIFIER_ONLY_PREFIXES = ("head.", "aux_head.")
+CLASSIFIER_ONLY_PREFIXES = ("head.", "aux_head.", "pyramid_fusion.", "cbam.")  # + the head variants
 DENSE_ONLY_PREFIXES = ("h_proj.", "extra_norm.")
 
 

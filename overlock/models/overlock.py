@@ -44,6 +44,7 @@ from .blocks import (
 )
 from .checkpoint import normalize_state_dict
 from .contmix import na2d_av
+from .heads import ATTENTIONS, CBAM, HEAD_TYPES, PyramidFusion
 
 __all__ = [
     "OVERLOCK_ARCHS",
@@ -452,9 +453,18 @@ class OverLoCK(_OverLoCKTrunk):
     (``use_ds=True``, the default) it returns ``{"main": logits, "aux": aux_logits}`` exactly like the
     official code; the aux head classifies the Overview-Net context and the recipe adds ``0.4 * loss(aux)``.
     ``num_classes=0`` turns both heads' last layers into identities (pooled features).
+
+    Variants (``overlock.models.heads``; new modules only, the plain parameter names are unchanged):
+    ``head_type="fpn"`` fuses the 1/8 and 1/16 pyramid levels into the 1/32 map before the head's pooling,
+    ``attention="cbam"`` applies CBAM to that map.
     """
 
-    def __init__(self, *args, num_classes: int = 1000, projection: int = 1024, use_ds: bool = True, **kwargs):
+    def __init__(self, *args, num_classes: int = 1000, projection: int = 1024, use_ds: bool = True,
+                 head_type: str = "plain", attention: str = "none", **kwargs):
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"unknown head_type {head_type!r}; valid: {', '.join(HEAD_TYPES)}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
         super().__init__(*args, num_classes=num_classes, projection=projection, use_ds=use_ds, **kwargs)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = projection
@@ -472,7 +482,13 @@ class OverLoCK(_OverLoCKTrunk):
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(projection, num_classes, 1) if num_classes > 0 else nn.Identity(),
         )
+        self.head_type, self.attention = head_type, attention
+        self.pyramid_fusion = PyramidFusion((embed_dim[1], embed_dim[2] + self.ctx_dim), self.fusion_dim) \
+            if head_type == "fpn" else None
+        self.cbam = CBAM(self.fusion_dim) if attention == "cbam" else None
         self.apply(self._init_weights)
+        if self.pyramid_fusion is not None:  # after _init_weights: zero lateral BNs (plain function at init)
+            self.pyramid_fusion.reset_parameters()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -507,10 +523,15 @@ class OverLoCK(_OverLoCKTrunk):
         return self
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Focus-Net output [B, fusion_dim, H/32, W/32], Overview-Net output [B, C4, H/32, W/32])."""
-        x = self.forward_pre_features(x)[-1]
-        x, ctx = self.forward_base_features(x)
-        _, x, overview = self.forward_sub_features(x, ctx)
+        """(Focus-Net output [B, fusion_dim, H/32, W/32], Overview-Net output [B, C4, H/32, W/32]); the
+        variants' pyramid fusion and CBAM are applied to the first."""
+        level1 = self.forward_pre_features(x)[-1]
+        x, ctx = self.forward_base_features(level1)
+        stage3, x, overview = self.forward_sub_features(x, ctx)
+        if self.pyramid_fusion is not None:
+            x = self.pyramid_fusion(x, (level1, stage3))
+        if self.cbam is not None:
+            x = self.cbam(x)
         return x, overview
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ repeat it). Code outside the library hooks in through ``pretrain.callbacks`` (:m
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from overlock.training.callbacks import TrainCallback, load_callbacks
 from overlock.training.loader import loader_settings, worker_cpus
 from overlock.training.ddp import align_grad_strides
 from overlock.training.ray_logs import quiet_worker_logs
+from overlock.training.step import OptimizerStep
 
 log = logging.getLogger("overlock.pretrain")
 
@@ -164,14 +166,17 @@ class _Loaders:
     sampler: torch.utils.data.DistributedSampler
     val: torch.utils.data.DataLoader
     classes: list
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps (each of ``accum`` micro-batches)
+    accum: int
     train_tf: Any  # finishes the batch on the device when it has ``on_device`` (the fast decode path)
 
 
 def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int, world: int, cpus: float,
                   device: torch.device) -> _Loaders:
     """This rank's shard of train (distributed sampler, drop last) and val, with the recipe's transforms;
-    loader processes, pinned memory and prefetch sized from the worker's ``cpus``."""
+    loader processes, pinned memory and prefetch sized from the worker's ``cpus``. An epoch is
+    ``steps_per_epoch`` optimizer steps of ``accum`` micro-batches (``pretrain.max_steps_per_epoch`` counts
+    optimizer steps)."""
     p = params.pretrain
     train_tf, val_tf = recipe.build_transforms(p, recipe.data_config(model, p.input_size))
     train_ds, val_ds, classes = load_datasets(data, train_tf, val_tf)
@@ -182,8 +187,16 @@ def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int,
     train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_loader = _loader(val_shard, p.batch_size, None, settings, drop_last=False)
-    steps = len(train_loader) if p.max_steps_per_epoch is None else min(len(train_loader), p.max_steps_per_epoch)
-    return _Loaders(train_loader, sampler, val_loader, classes, steps, train_tf)
+    # micro-batches per optimizer step as planned for the full run: the elastic rule already sizes ``batch``
+    # (keep_global_batch: batch x live workers = the full run's; scale_lr: the global batch follows the workers)
+    accum = recipe.accumulation_steps(p, p.workers)
+    steps = len(train_loader) // accum
+    if steps == 0:
+        raise ValueError(f"one optimizer step needs {accum} micro-batches of {batch} images per worker, but a "
+                         f"worker's shard has {len(train_loader)} batches: lower pretrain.global_batch or use "
+                         "more data")
+    steps = steps if p.max_steps_per_epoch is None else min(steps, p.max_steps_per_epoch)
+    return _Loaders(train_loader, sampler, val_loader, classes, steps, accum, train_tf)
 
 
 @dataclass
@@ -216,6 +229,7 @@ class TrainingWorker:
         self.callbacks = load_callbacks(c.model_dump() for c in p.callbacks)
 
         model = recipe.build_model(params, config["num_classes"]).to(self.device)
+        recipe.apply_grad_checkpointing(model, p.grad_checkpointing)
         self.memory_format = torch.channels_last if params.compute.channels_last else torch.contiguous_format
         self.model = to_memory_format(model, self.memory_format)
         self.loaders = build_loaders(params, self.model, Path(config["data"]), self.rank, self.world, cpus,
@@ -234,8 +248,12 @@ class TrainingWorker:
         self.ema = recipe.build_ema(p, self.model)
         self.state = TrainingState()
         self.progress = _Progress(config, self.rank)
+        self.optimizer_step = OptimizerStep(
+            self.model, self.ddp_model, self.optimizer, self.scheduler, accum=self.loaders.accum,
+            compute_loss=self._micro_batch_loss, prepare=self._prepare, scaler=self.scaler, ema=self.ema,
+            clip_grad=p.clip_grad)
         self.meta = {"arch": params.model.arch, "size": params.model.size,
-                     "model_kwargs": dict(params.model.overrides), "num_classes": config["num_classes"],
+                     "model_kwargs": params.model.constructor_kwargs(), "num_classes": config["num_classes"],
                      "classes": self.loaders.classes}
 
     # -- resume ------------------------------------------------------------------------------------
@@ -266,38 +284,30 @@ class TrainingWorker:
         self.callbacks.on_resume(self.rank, self.state.epoch, self.state.step)
 
     # -- train an epoch ----------------------------------------------------------------------------
-    def train_step(self, images, targets, epoch: int, batch: int) -> float:
-        """One optimizer step (temperature schedule, mixup, AMP loss with fallback, clipping, EMA)."""
-        p, steps = self.params.pretrain, self.loaders.steps_per_epoch
-        # ODConv/KernelWarehouse temperature schedule (a no-op for models without dynamic kernels)
-        anneal_temperature(self.model, epoch + batch / steps, p.epochs)
-        if self.ema is not None:
-            anneal_temperature(self.ema.module, epoch + batch / steps, p.epochs)
+    def _prepare(self, images, targets):
+        """A micro-batch on the device: memory format, on-device normalisation (fast decode), mixup."""
         images, targets = images.to(self.device, memory_format=self.memory_format), targets.to(self.device)
         if hasattr(self.loaders.train_tf, "on_device"):  # uint8 from the loader: normalise (and erase) here
             images = self.loaders.train_tf.on_device(images, self.memory_format)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        loss = loss_with_fallback(self.ddp_model, images, targets, self.criterion, p.aux_loss_ratio,
-                                  self.precision, self.device, self.state.step + 1, self.callbacks)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if p.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.state.step += 1
-        self.scheduler.step_update(self.state.step)
+        return images, targets
+
+    def _micro_batch_loss(self, model, images, targets, step: int) -> torch.Tensor:
+        return loss_with_fallback(model, images, targets, self.criterion, self.params.pretrain.aux_loss_ratio,
+                                  self.precision, self.device, step, self.callbacks)
+
+    def train_step(self, micro_batches, epoch: int, batch: int) -> tuple[float, int]:
+        """One optimizer step over ``accum`` micro-batches (temperature schedule, mixup, AMP loss with
+        fallback, clipping, EMA: :class:`OptimizerStep`); returns (loss, images)."""
+        p, steps = self.params.pretrain, self.loaders.steps_per_epoch
+        # ODConv/KernelWarehouse temperature schedule (a no-op for models without dynamic kernels)
+        anneal_temperature(self.model, epoch + batch / steps, p.epochs)
         if self.ema is not None:
-            self.ema.update(self.model, step=self.state.step)
-        return loss.item()
+            anneal_temperature(self.ema.module, epoch + batch / steps, p.epochs)
+        result = self.optimizer_step(micro_batches, self.state.step + 1)
+        self.state.step += 1
+        return result.loss, result.images
 
     def train_epoch(self, epoch: int) -> dict:
         """Train epoch index ``epoch``; returns loss sum, steps and images of this rank plus the time taken."""
@@ -308,11 +318,10 @@ class TrainingWorker:
         t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         bar = self.progress.bar(self.loaders.steps_per_epoch, epoch + 1)
         try:
-            for i, (images, targets) in enumerate(self.loaders.train):
-                if i >= self.loaders.steps_per_epoch:
-                    break
-                value = self.train_step(images, targets, epoch, i)
-                loss_sum, steps, seen = loss_sum + value, steps + 1, seen + images.shape[0]
+            micro_batches = iter(self.loaders.train)
+            for i in range(self.loaders.steps_per_epoch):
+                value, images = self.train_step(itertools.islice(micro_batches, self.loaders.accum), epoch, i)
+                loss_sum, steps, seen = loss_sum + value, steps + 1, seen + images
                 if self.state.step % p.log_every_steps == 0:
                     self.progress.step(self.state.step, value, self.optimizer.param_groups[0]["lr"])
                 if bar is not None:
@@ -340,7 +349,8 @@ class TrainingWorker:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "img_per_sec": seen_total / max(trained["train_time"], 1e-9),
                 "epoch_time_s": time.perf_counter() - trained["t0"], "step": self.state.step,
-                "world_size": self.world, "global_batch": self.loaders.train.batch_size * self.world}
+                "world_size": self.world,
+                "global_batch": self.loaders.train.batch_size * self.world * self.loaders.accum}
 
     def _log_epoch(self, row: dict) -> None:
         p, history = self.params.pretrain, self.state.history

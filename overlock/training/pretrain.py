@@ -28,6 +28,7 @@ from overlock.training import elastic, recipe
 from overlock.training.callbacks import load_callbacks
 from overlock.training.loader import default_cpus_per_worker
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
+from overlock.training.memory_plan import apply_plan, plan_for_params
 
 if TYPE_CHECKING:  # the kernel is above this package: only its type is named here
     from overlock.pipeline.context import StageContext
@@ -191,18 +192,27 @@ def run_pretrain(ctx: "StageContext") -> dict:
     storage, name = storage_root(params), f"{STAGE}-{key_dir.name}"
     fatal_file = key_dir / "fatal_error.txt"
     fatal_file.unlink(missing_ok=True)
+    _init_ray(params)
+    plan = plan_for_params(eff, len(classes))  # pretrain.memory_preset: batch, accumulation, checkpointing
+    eff = apply_plan(eff, plan)
     p = eff.pretrain
+    accum = recipe.accumulation_steps(p, p.workers)  # a global batch that does not divide fails here
+    if plan is not None:
+        print(plan.describe(), flush=True)
+        log.info("%s", plan.describe())
+        run.log_params({"memory_plan": plan.as_dict()})
+        run.log_dict(plan.as_dict(), "memory_plan.json")
     run.set_tags({"overlock.ray_run": str(storage / name), "overlock.recipe": p.recipe})
     run.log_params({"effective": {"pretrain": eff.pretrain.model_dump(mode="json"),
-                                  "precision": eff.compute.precision,
-                                  "lr": recipe.learning_rate(p, p.workers), "global_batch": p.batch_size * p.workers},
+                                  "precision": eff.compute.precision, "lr": recipe.learning_rate(p, p.workers),
+                                  "global_batch": recipe.global_batch(p, p.workers), "accum_steps": accum},
                     "elastic": _elastic_params(p)})
     config = {"params": eff.model_dump(mode="json"), "data": str(data), "num_classes": len(classes),
               "mlflow_uri": run.uri, "mlflow_run_id": run.run_id, "fatal_file": str(fatal_file),
               "tty": sys.stderr.isatty()}
-    _init_ray(params)
-    log.info("Ray Train run %s (storage %s): %s workers, recipe %s, precision %s", name, storage,
-             elastic.worker_range(p), p.recipe, eff.compute.precision)
+    log.info("Ray Train run %s (storage %s): %s workers x %d per worker x %d accumulation steps, recipe %s, "
+             "precision %s", name, storage, elastic.worker_range(p), p.batch_size, accum, p.recipe,
+             eff.compute.precision)
     try:
         result = _trainer(eff, config, storage, name).fit()
     except ray.train.TrainingFailedError as err:

@@ -7,7 +7,8 @@ Two recipes (``pretrain.recipe``):
   ``overlock_imagenet_recipe``). It sets every ``pretrain`` field listed in :data:`OFFICIAL_PRETRAIN` that still
   holds its schema default (a value you changed yourself wins), and turns on AMP: ``compute.precision`` fp32
   becomes bf16 (fp16 stays fp16). The learning rate keeps the official rule ``1e-3 x global batch / 1024``
-  unless ``pretrain.lr`` is set.
+  unless ``pretrain.lr`` is set; the global batch is 2048 (official: 8 GPUs x 256), reached on fewer GPUs by
+  gradient accumulation (:func:`accumulation_steps`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ OFFICIAL_PRETRAIN: dict[str, Any] = {
     "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "aux_loss_ratio": 0.4,
     "ema_decay": 0.9999, "clip_grad": 5.0, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1,
     "randaugment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "train_interpolation": "random",
+    "global_batch": 2048,
 }
 
 
@@ -49,9 +51,45 @@ def effective_params(params: Params) -> Params:
     return out
 
 
+def global_batch(p: PretrainParams, world_size: int) -> int:
+    """Images per optimizer step: ``pretrain.global_batch``, or workers x per-worker batch when unset."""
+    return p.global_batch if p.global_batch is not None else p.batch_size * world_size
+
+
+def accumulation_steps(p: PretrainParams, world_size: int) -> int:
+    """Micro-batches per optimizer step: global batch / (workers x per-worker batch), which must divide."""
+    per_step = p.batch_size * world_size
+    total = global_batch(p, world_size)
+    if total % per_step:
+        raise ValueError(
+            f"pretrain.global_batch={total} is not a multiple of workers x batch_size = {world_size} x "
+            f"{p.batch_size} = {per_step}: pick a batch_size that divides global_batch / workers, or set "
+            "pretrain.memory_preset (auto, 11gb, 24gb, 40gb, 80gb) to plan it")
+    return total // per_step
+
+
 def learning_rate(p: PretrainParams, world_size: int) -> float:
-    """``pretrain.lr`` or the official rule ``lr_base x global batch / 1024``."""
-    return p.lr if p.lr is not None else p.lr_base * p.batch_size * world_size / 1024
+    """``pretrain.lr``, or the official rule ``lr_base x global batch / 1024`` (the global batch counts the
+    accumulated micro-batches: workers x per-worker batch x accumulation steps)."""
+    return p.lr if p.lr is not None else p.lr_base * global_batch(p, world_size) / 1024
+
+
+def apply_grad_checkpointing(model: nn.Module, blocks_per_stage: list[int]) -> int:
+    """Recompute the first ``blocks_per_stage[s]`` blocks of each stage in the backward pass (the official
+    ``--ckpt-stg``: stage s's Base-Net blocks and, for stages 3/4, its Focus-Net blocks); returns how many
+    blocks are checkpointed. Gradients are unchanged (drop path's RNG state is replayed)."""
+    if not any(blocks_per_stage):
+        return 0
+    if not all(hasattr(model, f"blocks{s + 1}") for s in range(4)):
+        raise ValueError(f"pretrain.grad_checkpointing={blocks_per_stage} needs an OverLoCK model "
+                         f"({type(model).__name__} has no per-stage blocks); set it to [0, 0, 0, 0]")
+    count = 0
+    for stage, n in enumerate(blocks_per_stage):
+        for name in (f"blocks{stage + 1}", f"sub_blocks{stage + 1}"):
+            for i, block in enumerate(getattr(model, name, ())):
+                block.use_checkpoint = i < n
+                count += i < n
+    return count
 
 
 def build_model(params: Params, num_classes: int) -> nn.Module:
@@ -65,7 +103,7 @@ def build_model(params: Params, num_classes: int) -> nn.Module:
                            f"import ({err}); check the installation (pip install -e .)") from err
     drop_path = params.model.drop_path_rate if params.model.drop_path_rate is not None else spec.drop_path_rate
     return timm.create_model(spec.timm_name, num_classes=num_classes, drop_path_rate=drop_path,
-                             **params.model.overrides)
+                             **params.model.constructor_kwargs())
 
 
 def data_config(model: nn.Module, input_size: int) -> dict:
