@@ -219,6 +219,7 @@ def test_finetune_predictions_are_what_calibrate_and_evaluate_report(pipeline):
     assert _metrics(root, "evaluate")["detection.bbox_AP"] == pytest.approx(ap["summary"]["AP"], abs=1e-9)
     assert _metrics(root, "finetune")["bbox_mAP"] == pytest.approx(ap["summary"]["AP"], abs=1e-9)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert [o["path"] for o in lock["extract"]["outs"]] == ["data/datasets/MANIFEST.json"]
+    outs = [o["path"] for o in lock["extract"]["outs"]]
+    assert "data/datasets/MANIFEST.json" in outs and "data/datasets" not in outs
     assert "data/datasets/MANIFEST.json" in [d["path"] for d in lock["pretrain"]["deps"]]
     assert check_tree(root / "data/datasets") > 600

@@ -203,7 +203,8 @@ def test_dvc_tracks_the_manifest_and_the_next_stage_sees_a_hand_edit(own_repo, c
 
     root = own_repo["root"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert [o["path"] for o in lock["stages"]["extract"]["outs"]] == ["data/datasets/MANIFEST.json"]
+    outs = [o["path"] for o in lock["stages"]["extract"]["outs"]]
+    assert "data/datasets/MANIFEST.json" in outs and "data/datasets" not in outs
     edited = root / "data" / "datasets" / "classification" / "splits.json"
     text, stat = edited.read_text(), edited.stat()
     try:
