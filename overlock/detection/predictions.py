@@ -40,7 +40,11 @@ def predict_split(model, test_cfg, ann_file: str, img_prefix: str, samples_per_g
         torch.utils.data.Subset(dataset, indices), batch_size=samples_per_gpu, shuffle=False,
         num_workers=workers, collate_fn=partial(collate, samples_per_gpu=samples_per_gpu))
     if device == "cuda":
-        wrapped = MMDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()])
+        model = model.cuda()
+    if world > 1:
+        _sync_from_rank0(model)
+    if device == "cuda":
+        wrapped = MMDataParallel(model, device_ids=[torch.cuda.current_device()])
     else:
         wrapped = MMDataParallel(model)
     wrapped.eval()
@@ -64,3 +68,14 @@ def predict_split(model, test_cfg, ann_file: str, img_prefix: str, samples_per_g
     if missing:
         raise RuntimeError(f"{missing} of {len(dataset)} images of {ann_file} were not predicted")
     return [d for i in range(len(dataset)) for d in per_image[i]]
+
+
+def _sync_from_rank0(model) -> None:
+    """Every rank predicts with rank 0's weights and buffers (the ones saved as detector.pth): mmdet's DDP
+    does not broadcast buffers, so each rank's BatchNorm statistics drift apart during training."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
