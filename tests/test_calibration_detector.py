@@ -1,6 +1,7 @@
 """Detector parts of calibrate/evaluate with a real, briefly trained MMDetection Mask R-CNN on demo COCO data."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ def detector_workspace(tmp_path_factory, demo_detection_layout):
     from mmdet.datasets import build_dataset
     from mmdet.models import build_detector
 
-    from overlock.detection.config import build_detection_config
+    from overlock.detection.config import build_detection_config, coco_files
+    from overlock.data.coco_results import PREDICTED_SPLITS, predictions_file, write_predictions
+    from overlock.detection.predictions import predict_split
     from overlock.detection.registration import register_mmdet_backbones
     from overlock.params import parse_params
 
@@ -53,9 +56,15 @@ def detector_workspace(tmp_path_factory, demo_detection_layout):
     dataset = build_dataset(cfg.data.train)
     model.CLASSES = dataset.CLASSES
     train_detector(model, [dataset], cfg, distributed=False, validate=False, meta=dict(seed=0))
-    torch.set_num_threads(threads)
     out = root / "detector"
     out.mkdir()
+    # the finetune stage's predictions, written by the same function (batched, one process here)
+    splits = coco_files(data)
+    for split in PREDICTED_SPLITS:
+        write_predictions(predictions_file(out, split),
+                          predict_split(model, cfg.data.test, *splits[split], samples_per_gpu=2, workers=0,
+                                        device="cpu"))
+    torch.set_num_threads(threads)
     torch.save({"meta": {"CLASSES": tuple(classes)}, "state_dict": model.state_dict()}, out / "detector.pth")
     cfg.dump(str(out / "config.py"))
     (out / "metrics.json").write_text(json.dumps({"bbox_mAP": 0.0, "segm_mAP": 0.0, "bbox_mAP_50": 0.0}))
@@ -108,15 +117,14 @@ def test_detection_section_per_class_ap_and_drawings(detector_workspace, tmp_pat
 
 def test_evaluate_draws_calibrated_detector_scores(detector_workspace, tmp_path):
     from overlock.calibration.detection import calibrate_detector
-    from overlock.inference.calibrated import ScoreCalibrator
-    from overlock.inference.detector import detection_splits, load_coco, load_detector, predict_coco
     from overlock.evaluation.stage import calibrated_detections
+    from overlock.inference.calibrated import ScoreCalibrator
+    from overlock.inference.detector import load_predictions
 
     ws = detector_workspace
     fitted = calibrate_detector(ws["params"], ws["detector"], ws["data"], "cpu")
     (tmp_path / "detector_calibration.json").write_text(json.dumps(fitted))
-    ann_file, img_prefix = detection_splits(ws["data"])["val"]
-    results = predict_coco(load_detector(ws["detector"], "cpu"), load_coco(ann_file), img_prefix)
+    _, _, results = load_predictions(ws["detector"], ws["data"], "val")
     raw_scores = np.array([d["score"] for d in results["bbox"]])
     shown, caption = calibrated_detections(results, tmp_path)
     assert "calibrated scores" in caption
@@ -217,3 +225,65 @@ def test_predict_cli_detect_draws_images_and_writes_coco_json(detector_workspace
     for info in coco.loadImgs(coco.getImgIds()):
         drawn = Image.open(out / info["drawn"])
         assert drawn.size == (info["width"], info["height"]) == Image.open(info["file_name"]).size
+
+def _predictions_only(ws, tmp_path) -> Path:
+    """A copy of the detector output without the detector (no detector.pth, no config.py): predictions only."""
+    import shutil
+
+    out = tmp_path / "detector"
+    shutil.copytree(ws["detector"], out, ignore=shutil.ignore_patterns("detector.pth", "config.py"))
+    return out
+
+
+def test_calibrate_and_evaluate_read_the_predictions_file_not_the_detector(detector_workspace, tmp_path):
+    """Both stages' detector parts work from the finetune stage's predictions alone, and what they report
+    follows an edit of a score in that file."""
+    from overlock.calibration.detection import calibrate_detector
+    from overlock.data.coco_results import predictions_file
+    from overlock.evaluation.report import Report
+    from overlock.evaluation.stage import detection_section
+
+    ws = detector_workspace
+    detector = _predictions_only(ws, tmp_path)
+    before = calibrate_detector(ws["params"], detector, ws["data"])
+    assert before == calibrate_detector(ws["params"], ws["detector"], ws["data"])
+    assert before["status"] == "fitted"
+    evaluated = detection_section(ws["params"], ws["data"], detector, tmp_path, Report("t"), "cpu")
+    assert evaluated["detection.status"] == "evaluated" and evaluated["detection.bbox_AP50"] > 0
+    # the most confident val detection's score drops to ~0: the val ECE before calibration and the AP move
+    path = predictions_file(detector, "val")
+    dets = json.loads(path.read_text())
+    top = max(range(len(dets)), key=lambda i: dets[i]["score"])
+    dets[top]["score"] = 0.001
+    path.write_text(json.dumps(dets))
+    after = calibrate_detector(ws["params"], detector, ws["data"])
+    assert after["val"]["before"]["ece"] != pytest.approx(before["val"]["before"]["ece"], abs=1e-9)
+    assert after["calibrator"] == before["calibrator"]  # fitted on the calibration split's file, unchanged
+    edited = detection_section(ws["params"], ws["data"], detector, tmp_path, Report("t"), "cpu")
+    assert edited["detection.bbox_AP"] != pytest.approx(evaluated["detection.bbox_AP"], abs=1e-9)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "not found"), ("not json", "not valid JSON"), ("object", "not a COCO results list"),
+    ("foreign image", "not in the split's annotations"), ("bad score", "not a number in [0, 1]"),
+])
+def test_bad_or_missing_predictions_fail_clearly(detector_workspace, tmp_path, damage, message):
+    from overlock.calibration.detection import calibrate_detector
+    from overlock.data.coco_results import PredictionsError, predictions_file
+
+    ws = detector_workspace
+    detector = _predictions_only(ws, tmp_path)
+    path = predictions_file(detector, "calibration")
+    dets = json.loads(path.read_text())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "not json":
+        path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    elif damage == "object":
+        path.write_text(json.dumps({"bbox": dets}))
+    else:
+        dets[0].update({"image_id": 10**9} if damage == "foreign image" else {"score": 1.5})
+        path.write_text(json.dumps(dets))
+    with pytest.raises(PredictionsError, match=re.escape(message)) as err:
+        calibrate_detector(ws["params"], detector, ws["data"])
+    assert str(path) in str(err.value) and "dvc repro -f finetune" in str(err.value)

@@ -100,6 +100,25 @@ def test_imagenet_layout_corrupt_image_excluded_and_rerun_skips(repo, mlflow_db)
     stamp = (root / "classes.json").stat().st_mtime_ns
     again = run_extract(params, run, archives=archives, out=out, metrics=metrics)
     assert again["skipped"] and (root / "classes.json").stat().st_mtime_ns == stamp
+
+    # MANIFEST.json (what DVC tracks instead of the tree): every file, its size and md5 (images: from the
+    # verification's read); a file edited inside the tree is found by a stat and named with the fix
+    from overlock.data.manifest import MANIFEST, DatasetChangedError, check_tree
+    from overlock.state import file_digest
+    manifest = json.loads((out / MANIFEST).read_text())
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in
+                   (MANIFEST, ".complete.json"))
+    assert sorted(manifest["entries"]) == files and manifest["files"] == len(files)
+    for rel in (next(f for f in files if f.endswith(".JPEG")), "classification/splits.json"):
+        assert manifest["entries"][rel] == [(out / rel).stat().st_size, file_digest(out / rel)], rel
+    assert check_tree(out) == len(files)
+    edited = root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"
+    edited.write_bytes(edited.read_bytes() + b"x")
+    with pytest.raises(DatasetChangedError, match=r"1 changed \(e\.g\. classification/train/.*dvc repro -f extract"):
+        check_tree(out)
+    (out / MANIFEST).unlink()  # as `dvc repro` removes the out before running extract: rebuilt, not skipped
+    rebuilt = run_extract(params, run, archives=archives, out=out, metrics=metrics)
+    assert not rebuilt["skipped"] and check_tree(out) == len(files)
     run.finish()
 
     # the calibration split is a function of the seed only

@@ -257,12 +257,13 @@ def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
 @pytest.mark.slow
 def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_layout):
     """``finetune.launcher: pytorch`` runs the training under torchrun with MMDistributedDataParallel
-    (2 gloo CPU processes here, one per GPU on a GPU host): it trains, rank 0 evaluates and logs each
-    iteration to MLflow exactly once, and the outputs are written."""
+    (2 gloo CPU processes here, one per GPU on a GPU host): it trains, logs each iteration to MLflow exactly
+    once, and the outputs are written; each rank predicts its shard of the val and calibration images and the
+    merged predictions are those of one process predicting every image."""
     root = tmp_path / "repo"
     (root / "models").mkdir(parents=True)
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=2)
+    demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=4, calibration=3)
     write_pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     iters = 4
@@ -278,3 +279,27 @@ def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_la
     assert sorted(steps) == sorted(set(steps)) and max(steps) == iters
     det = torch.load(root / "models/detector/detector.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("backbone.") for k in det["state_dict"])
+    _assert_one_process_predicts_the_same(root)
+
+
+def _assert_one_process_predicts_the_same(root: Path) -> None:
+    """The published (2-process, merged) predictions equal one process's on the same detector."""
+    from overlock.detection.config import coco_files
+    from overlock.data.coco_results import predictions_file
+    from overlock.detection.predictions import predict_split
+    from overlock.inference.detector import load_detector
+
+    model = load_detector(root / "models/detector", "cpu")
+    files = coco_files(root / "data" / "datasets")
+    key = lambda d: (d["image_id"], d["category_id"], -d["score"])  # noqa: E731
+    for split in ("val", "calibration"):
+        merged = json.loads(predictions_file(root / "models/detector", split).read_text())
+        single = predict_split(model, model.cfg.data.test, *files[split], samples_per_gpu=2, workers=0,
+                               device="cpu")
+        assert merged and len(merged) == len(single), split
+        assert {d["image_id"] for d in merged} == {d["image_id"] for d in single}
+        for a, b in zip(sorted(merged, key=key), sorted(single, key=key)):  # rank 1's shard too: same weights
+            assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
+            assert ("segmentation" in a) == ("segmentation" in b)

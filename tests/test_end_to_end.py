@@ -369,3 +369,28 @@ def test_queued_sweep_runs_each_experiment_as_its_own_mlflow_parent(pipeline):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert [r.data.tags["overlock.stage"] for r in children] == ["evaluate"]  # the rest came from the cache
         assert any(k.startswith("evaluate.") for k in parent.data.metrics)
+
+# ---- issue 17: the detector predicts once (finetune writes the predictions); DVC tracks the datasets' manifest
+def test_finetune_predictions_are_what_calibrate_and_evaluate_report(pipeline):
+    """The finetune stage published its val and calibration predictions (a COCO results list with the score
+    logits and RLE masks); evaluate's COCO AP is the AP of that file, and data/datasets is declared through
+    its manifest (the tree matches it)."""
+    from overlock.data.manifest import check_tree
+    from overlock.data.coco_results import load_coco, predictions_file
+    from overlock.metrics.coco import coco_evaluate
+
+    root, _ = pipeline
+    for split in ("val", "calibration"):
+        dets = json.loads(predictions_file(root / "models/detector", split).read_text())
+        assert dets and all({"image_id", "category_id", "bbox", "score", "score_logit"} <= set(d) for d in dets)
+        assert any("segmentation" in d for d in dets)  # Mask R-CNN: masks as RLE
+    val = json.loads(predictions_file(root / "models/detector", "val").read_text())
+    coco = load_coco(str(root / "data/datasets/detection/annotations/instances_val2017.json"))
+    ap = coco_evaluate(coco, [{k: v for k, v in d.items() if k != "segmentation"} for d in val], "bbox")
+    assert _metrics(root, "evaluate")["detection.bbox_AP"] == pytest.approx(ap["summary"]["AP"], abs=1e-9)
+    assert _metrics(root, "finetune")["bbox_mAP"] == pytest.approx(ap["summary"]["AP"], abs=1e-9)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    outs = [o["path"] for o in lock["extract"]["outs"]]
+    assert "data/datasets/MANIFEST.json" in outs and "data/datasets" not in outs
+    assert "data/datasets/MANIFEST.json" in [d["path"] for d in lock["pretrain"]["deps"]]
+    assert check_tree(root / "data/datasets") > 600

@@ -196,6 +196,31 @@ def test_repro_extract_builds_both_datasets_with_their_classes(own_repo):
     assert metrics["classification"]["skipped_files"] == 1 and metrics["detection"]["train_crowd_annotations"] == 1
 
 
+def test_dvc_tracks_the_manifest_and_the_next_stage_sees_a_hand_edit(own_repo, capsys):
+    """DVC tracks data/datasets/MANIFEST.json, not the tree (so `dvc status` stays fast at ImageNet size):
+    it does not see a file edited inside the tree; the next stage's entry point does, naming it and the fix."""
+    from overlock.pipeline.runner import run_stage
+
+    root = own_repo["root"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    outs = [o["path"] for o in lock["stages"]["extract"]["outs"]]
+    assert "data/datasets/MANIFEST.json" in outs and "data/datasets" not in outs
+    edited = root / "data" / "datasets" / "classification" / "splits.json"
+    text, stat = edited.read_text(), edited.stat()
+    try:
+        edited.write_text(text + " ")
+        assert "up to date" in _run(["dvc", "status", "extract"], root).stdout  # the trade-off
+        code = run_stage("pretrain", ["--params", str(root / "params.yaml"), "--data", str(root / "data/datasets"),
+                                      "--out", str(root / "m"), "--metrics", str(root / "m.json"),
+                                      "--plots", str(root / "p")])
+        err = capsys.readouterr().err
+        assert code == 1 and "1 changed (e.g. classification/splits.json)" in err and "dvc repro -f extract" in err
+        assert not (root / "m").exists()
+    finally:
+        edited.write_text(text)
+        os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_detector_takes_classes_from_the_extracted_annotations(own_repo):
     data = own_repo["root"] / "data" / "datasets"
     files = coco_split_files(data / "detection")

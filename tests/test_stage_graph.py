@@ -106,6 +106,8 @@ def dvc_repo(tmp_path_factory):
             elif option.role == "out":
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "stand-in.txt").write_text(option.name)
+                if option.manifest:  # DVC tracks the manifest inside the tree (data/datasets/MANIFEST.json)
+                    (path / option.manifest).write_text("{}\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
     _dvc(repo, "commit", "-f", "-q")

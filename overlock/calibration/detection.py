@@ -111,29 +111,25 @@ def detection_calibration_report(
     }
 
 
-def calibrate_detector(params, detector_dir: Path, data_dir: Path, device) -> dict:
-    """Fit the detector score calibrator on ``splits/calibration.json`` and report it on val.
+def calibrate_detector(params, detector_dir: Path, data_dir: Path, device=None) -> dict:
+    """Fit the detector score calibrator on the calibration split's predictions and report it on val.
 
-    Returns ``{"status": "skipped", "reason": ...}`` (logged) when there is no detector to calibrate
-    (``data.detection_dataset: none``, no ``detector.pth`` or MMDetection not installed).
+    The predictions are the finetune stage's (``<detector_dir>/predictions/{calibration,val}.json``): the
+    detector is not run here (``device`` is unused). Returns ``{"status": "skipped", "reason": ...}`` (logged)
+    when there is no detector (``data.detection_dataset: none``, no finetune output).
     """
-    from overlock.inference.detector import (detection_splits, detector_skip_reason, load_coco, load_detector,
-                                             predict_coco)
+    from overlock.inference.detector import detector_skip_reason, load_predictions
 
     reason = detector_skip_reason(params, detector_dir, data_dir)
     if reason:
         log.warning("detector calibration skipped: %s", reason)
         return {"status": "skipped", "reason": reason}
 
-    splits = detection_splits(data_dir)
-    model = load_detector(detector_dir, device)
     cfg = params.calibrate
     matched = {}
     for split in ("calibration", "val"):
-        ann_file, img_prefix = splits[split]
-        coco = load_coco(ann_file)
-        dets = predict_coco(model, coco, img_prefix, desc=f"detect {split}")["bbox"]
-        matched[split] = match_detections(dets, coco, cfg.detection_iou)
+        coco, _, predictions = load_predictions(detector_dir, data_dir, split)
+        matched[split] = match_detections(predictions["bbox"], coco, cfg.detection_iou)
     try:
         calibrator = fit_score_calibrator(
             cfg.detection_calibrator, *matched["calibration"], max_iter=cfg.max_iter

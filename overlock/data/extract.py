@@ -7,7 +7,8 @@ member. Tar extraction then also runs with Python's ``data`` filter as a second 
 The stage builds the layouts (:mod:`overlock.data.layouts`) in a state directory (resumable: finished
 classes and archives are not extracted again after a kill), writes the splits and the integrity report,
 and moves the finished tree to ``out`` in one rename, so ``out`` never holds a partial dataset that looks
-valid. A re-run on unchanged archives and params does no work.
+valid. The tree's ``MANIFEST.json`` (:mod:`overlock.data.manifest`) is what DVC tracks as the output. A re-run
+on unchanged archives and params does no work unless the tree no longer matches its manifest.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from overlock.data.manifest import MANIFEST, DatasetChangedError, check_tree
 from overlock.state import read_json, replace_dir_atomic, stage_state_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,17 @@ def read_manifest(archives: Path) -> dict:
     return manifest
 
 
+def _manifest_intact(out: Path, state: Path) -> bool:
+    """True when ``out`` matches its manifest (restored from the state directory when DVC removed it)."""
+    if not (out / MANIFEST).exists() and (state / MANIFEST).exists():
+        shutil.copy2(state / MANIFEST, out / MANIFEST)  # keeps its time: files edited since still show
+    try:
+        return check_tree(out) > 0
+    except DatasetChangedError as err:
+        log.warning("extract: rebuilding %s: %s", out, err)
+        return False
+
+
 def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     """Stage ``extract``: build the selected datasets' layouts from ``archives`` into ``out``.
 
@@ -263,11 +276,13 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     manifest = read_manifest(archives)
     key = _fingerprint(params, manifest)
     done = read_json(out / COMPLETE)
-    skipped = bool(done) and done.get("fingerprint") == key and (out / layouts.REPORT).exists()
+    state = stage_state_dir("extract", params, ("data",), extra=key)
+    skipped = bool(done) and done.get("fingerprint") == key and (out / layouts.REPORT).exists() \
+        and _manifest_intact(out, state)
     if skipped:
         log.info("extract: %s is up to date with the archives; nothing to do", out)
     else:
-        staging = stage_state_dir("extract", params, ("data",), extra=key) / "staging"
+        staging = state / "staging"
         staging.mkdir(parents=True, exist_ok=True)
         try:
             layouts.build_all(params, archives, manifest, staging)
@@ -276,6 +291,7 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
                 shutil.rmtree(staging.parent, ignore_errors=True)
             raise
         write_json_atomic(staging / COMPLETE, {"fingerprint": key})
+        shutil.copy2(staging / MANIFEST, state / MANIFEST)  # DVC deletes the out before a re-run: kept here
         _move_dir(staging, out)
     report = read_json(out / layouts.REPORT)
     flat = layouts.report_metrics(report)

@@ -16,6 +16,7 @@ cores for large datasets; ``header`` only checks the file header).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from overlock.data.extract import ArchiveError, check_tar_members, extract_inner_tars, safe_extract
+from overlock.data.manifest import write_manifest
 from overlock.data.own_layouts import build_class_folders, build_coco_folder, image_suffixes
 from overlock.data.seg_layouts import build_ade, segmentation_splits
 from overlock.data.sources import archive_dataset, expected_counts, imagenet100_classes
@@ -181,33 +183,49 @@ def build_coco(train_zip: Path, val_zip: Path, annotations_zip: Path, root: Path
 # -------------------------------------------------------------------------------- image verification
 def check_image(path: str, mode: str = "full") -> str | None:
     """None when PIL can read ``path`` (``full``: decode all pixels; ``header``: verify), else the error."""
+    return check_image_digest(path, mode)[0]
+
+
+def check_image_digest(path: str, mode: str = "full") -> tuple[str | None, str | None]:
+    """(:func:`check_image`'s error, the file's md5) from one read of the file (the md5 goes into the
+    dataset's ``MANIFEST.json``; None when the file cannot be read)."""
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}", None
+    digest = hashlib.md5(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             if mode == "full":
                 im.load()
             else:
                 im.verify()
     except Exception as err:  # PIL raises many types for damaged files
-        return f"{type(err).__name__}: {err}"
-    return None
+        return f"{type(err).__name__}: {err}", digest
+    return None, digest
 
 
-def _check_pair(args: tuple[str, str]) -> str | None:
-    return check_image(*args)
+def _check_pair(args: tuple[str, str]) -> tuple[str | None, str | None]:
+    return check_image_digest(*args)
 
 
-def find_unreadable(root: Path, relpaths: list[str], mode: str) -> dict[str, str]:
-    """{relative path: error} of the images PIL cannot read (parallel over all cores for large sets)."""
+def find_unreadable(root: Path, relpaths: list[str], mode: str, digests: dict | None = None) -> dict[str, str]:
+    """{relative path: error} of the images PIL cannot read (parallel over all cores for large sets).
+
+    ``digests``: filled with {real path: md5} of every file read (the same read as the check)."""
     jobs = [(str(root / p), mode) for p in relpaths]
     workers = os.cpu_count() or 1
     if len(jobs) >= PARALLEL_VERIFY_MIN and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             chunk = max(1, min(256, len(jobs) // (workers * 8)))
-            errors = list(tqdm(pool.map(_check_pair, jobs, chunksize=chunk), total=len(jobs), desc="verify images",
-                               disable=None))
+            checked = list(tqdm(pool.map(_check_pair, jobs, chunksize=chunk), total=len(jobs), desc="verify images",
+                                disable=None))
     else:
-        errors = [_check_pair(j) for j in jobs]
-    return {p: e for p, e in zip(relpaths, errors) if e}
+        checked = [_check_pair(j) for j in jobs]
+    if digests is not None:
+        digests.update((os.path.realpath(path), md5) for (path, _), (_, md5) in zip(jobs, checked) if md5)
+    return {p: err for p, (err, _) in zip(relpaths, checked) if err}
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -218,12 +236,13 @@ def _list_images(folder: Path) -> list[str]:
                   if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
 
 
-def classification_splits(root: Path, classes: list[dict], seed: int, per_class: int, mode: str) -> dict:
+def classification_splits(root: Path, classes: list[dict], seed: int, per_class: int, mode: str,
+                          digests: dict | None = None) -> dict:
     """Write ``classes.json`` and ``splits.json`` under ``root``; return the classification report."""
     write_json_atomic(root / "classes.json", classes)
     files = {s: {c["id"]: [f"{s}/{c['id']}/{n}" for n in _list_images(root / s / c["id"])] for c in classes}
              for s in ("train", "val")}
-    bad = find_unreadable(root, [p for s in files.values() for ps in s.values() for p in ps], mode)
+    bad = find_unreadable(root, [p for s in files.values() for ps in s.values() for p in ps], mode, digests)
     calibration, per_class_counts = [], {}
     for k, c in enumerate(classes):
         usable = [p for p in files["train"][c["id"]] if p not in bad]
@@ -272,14 +291,14 @@ def _coco_subset(coco: dict, image_ids: set[int]) -> dict:
             "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
 
 
-def detection_splits(root: Path, seed: int, per_class: int, mode: str) -> dict:
+def detection_splits(root: Path, seed: int, per_class: int, mode: str, digests: dict | None = None) -> dict:
     """Write ``splits/{train,calibration}.json`` (COCO subsets of train); return the detection report."""
     report: dict = {"images": {}, "annotations": {}, "excluded_files": {}}
     train = None
     for split in ("train2017", "val2017"):
         coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         names = [f"{split}/{i['file_name']}" for i in coco["images"]]
-        bad = find_unreadable(root, names, mode)
+        bad = find_unreadable(root, names, mode, digests)
         report["excluded_files"].update(bad)
         report["images"][split[:-4]] = len(coco["images"])
         report["annotations"][split[:-4]] = len(coco["annotations"])
@@ -337,16 +356,17 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
     if data.detection_dataset == "coco_folder":  # checked before the (long) image verification of either
         d = _archives_by_role(manifest, archives, data.detection_dataset)
         det_extra = build_coco_folder(d["data"], manifest["coco_folder"], root / "detection")
+    digests: dict[str, str] = {}  # md5 of every verified image, for the manifest
     report = {"verify_images": mode,
               "classification": _with_expected({"dataset": data.dataset, **classification_splits(
-                  cls_root, classes, params.seed, data.calibration_per_class, mode), **extra}, data.dataset)}
+                  cls_root, classes, params.seed, data.calibration_per_class, mode, digests), **extra}, data.dataset)}
     if data.detection_dataset != "none":
         if data.detection_dataset != "coco_folder":
             d = _archives_by_role(manifest, archives, data.detection_dataset)
             build_coco(d["train"], d["val"], d["annotations"], root / "detection")
             det_extra = {}
         report["detection"] = _with_expected({"dataset": data.detection_dataset, **detection_splits(
-            root / "detection", params.seed, data.calibration_per_class, mode), **det_extra},
+            root / "detection", params.seed, data.calibration_per_class, mode, digests), **det_extra},
             data.detection_dataset)
     if data.segmentation_dataset != "none":  # ADE20K layout (overlock.data.seg_layouts)
         s = _archives_by_role(manifest, archives, data.segmentation_dataset)
@@ -355,6 +375,7 @@ def build_all(params, archives: Path, manifest: dict, root: Path) -> dict:
             root / "segmentation", params.seed, data.calibration_per_class * 10, mode)}, data.segmentation_dataset)
     write_json_atomic(root / REPORT, report)
     plot_class_counts(report["classification"], root / "integrity_classes.png")
+    write_manifest(root, digests)  # last: it lists every file above
     return report
 
 

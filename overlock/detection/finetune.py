@@ -10,13 +10,16 @@ metrics, plots):
    (``.overlock/state/finetune/<hash>/``) and a re-run after a kill resumes from the latest complete
    checkpoint there;
    ``finetune.mode: evaluate`` — loads a detector checkpoint (e.g. an official Mask R-CNN release);
-3. evaluates on val with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l), writes the DVC metrics, the loss
-   curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``)
-   through a staging dir and logs metrics/artifacts to MLflow (the calibrate stage registers the detector,
-   with its fitted score calibration, as the pyfunc model ``overlock-detector``: ``overlock.serving``).
+3. predicts the val and calibration splits once, batched (``overlock.detection.predictions``), and evaluates
+   the val predictions with pycocotools (bbox/segm AP, AP50, AP75, APs/m/l); writes the DVC metrics, the loss
+   curve (``plots/loss.csv``, ``loss.png``) and the outs (``detector.pth``, ``config.py``, ``metrics.json``,
+   ``predictions/{val,calibration}.json``, which calibrate and evaluate read instead of running the detector)
+   through a staging dir, logs metrics/artifacts to MLflow (the calibrate stage registers the detector, with its fitted score
+   calibration, as the pyfunc model ``overlock-detector``: ``overlock.serving``).
 
 ``finetune.launcher: pytorch`` runs the training under ``torchrun`` on every visible GPU
-(``python -m overlock.detection.finetune worker ...``), with rank 0 logging into the same MLflow run.
+(``python -m overlock.detection.finetune worker ...``), with rank 0 logging into the same MLflow run; each rank
+predicts its shard of the val and calibration images and rank 0 merges and writes them.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import overlock.compat  # noqa: F401  (mmcv/torch 2.x shims before anything impo
 from overlock.compute import repo_root
 from overlock.detection.config import build_detection_config, coco_files
 from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
+from overlock.data.coco_results import PREDICTIONS_DIR
 from overlock.params import Params
 from overlock.state import file_digest, read_json, write_json_atomic
 from overlock.tracking import StageRun, attach_run, write_metrics_file
@@ -170,38 +174,46 @@ def init_backbone(model, params: Params, classifier: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def evaluate_detector(model, cfg, distributed: bool = False) -> dict[str, float]:
-    """COCO evaluation (pycocotools through mmdet's CocoDataset.evaluate) of ``model`` on ``cfg.data.test``."""
-    from mmcv.parallel import MMDataParallel, MMDistributedDataParallel
+def evaluate_detector(model, cfg, splits: dict[str, tuple[str, str]], work_dir: Path) -> dict[str, float]:
+    """Predict the val and calibration splits once (batched; sharded over the ranks under torchrun), write
+    the predictions to ``<work_dir>/predictions/<split>.json`` and return the val COCO metrics (rank 0; other
+    ranks: {}). The calibrate and evaluate stages read these predictions instead of running the detector."""
     from mmcv.runner import get_dist_info
-    from mmdet.apis import multi_gpu_test, single_gpu_test
-    from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
 
-    if distributed and cfg.device != "cuda":  # gloo CPU processes: rank 0 evaluates the (synchronised) model
-        rank = get_dist_info()[0]
-        result = evaluate_detector(model, cfg, distributed=False) if rank == 0 else {}
-        torch.distributed.barrier()
-        return result
-    cfg.data.test.test_mode = True
-    cfg.data.test.pipeline = replace_ImageToTensor(cfg.data.test.pipeline)
-    dataset = build_dataset(cfg.data.test)
-    loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=cfg.data.workers_per_gpu,
-                              dist=distributed, shuffle=False)
-    model.CLASSES = dataset.CLASSES
-    if distributed:
-        wrapped = MMDistributedDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()],
-                                            broadcast_buffers=False)
-        results = multi_gpu_test(wrapped, loader, gpu_collect=True)
-    else:
-        wrapped = MMDataParallel(model.cuda(), device_ids=[0]) if cfg.device == "cuda" else MMDataParallel(model)
-        results = single_gpu_test(wrapped, loader)
-    if get_dist_info()[0] != 0:
+    from overlock.data.coco_results import PREDICTED_SPLITS, load_coco, predictions_file, write_predictions
+    from overlock.detection.predictions import predict_split
+    from overlock.metrics.coco import SUMMARY_NAMES, coco_evaluate
+
+    device = "cuda" if cfg.device == "cuda" else "cpu"
+    batch = max(2, int(cfg.data.samples_per_gpu))  # inference holds no gradients: at least 2 images per pass
+    rank = get_dist_info()[0]
+    val = None
+    for split in PREDICTED_SPLITS:
+        ann_file, img_prefix = splits[split]
+        if not Path(ann_file).is_file():
+            log.warning("no %s split (%s): its predictions are not written", split, ann_file)
+            continue
+        dets = predict_split(model, cfg.data.test, ann_file, img_prefix, batch, cfg.data.workers_per_gpu, device,
+                             desc=f"predict {split}")
+        if rank == 0:
+            write_predictions(predictions_file(work_dir, split), dets)
+            val = dets if split == "val" else val
+    if rank != 0:
         return {}
-    metrics = [m for m in ("bbox", "segm") if m in cfg.evaluation.metric]
-    raw = dataset.evaluate(results, metric=metrics, classwise=True)  # per-class AP table in the log
-    if not any(f"{m}_mAP" in raw for m in metrics):  # mmdet skips the metrics when nothing was detected
-        log.warning("no detections on the validation split: every AP is 0")
-    out = {f"{m}_{k}": float(raw.get(f"{m}_{k}", 0.0)) for m in metrics for k in COCO_METRICS}
+    if val is None:
+        raise FileNotFoundError(f"{splits['val'][0]} not found: run the extract stage first (`dvc repro extract`)")
+    coco = load_coco(splits["val"][0])
+    out = {}
+    for metric in (m for m in ("bbox", "segm") if m in cfg.evaluation.metric):
+        results = [d for d in val if metric == "bbox" or "segmentation" in d]
+        if metric == "bbox":
+            results = [{k: v for k, v in d.items() if k != "segmentation"} for d in results]
+        ev = coco_evaluate(coco, results, metric)
+        if not ev["summary"]:
+            log.warning("no %s detections on the validation split: every %s AP is 0", metric, metric)
+        out.update({f"{metric}_{ours}": float(ev["summary"].get(theirs, 0.0))
+                    for ours, theirs in zip(COCO_METRICS, SUMMARY_NAMES)})
+        log.info("%s per-class AP: %s", metric, json.dumps(ev["per_class"]))
     return out
 
 
@@ -214,8 +226,8 @@ def _register_backbones(params: Params) -> None:
     require_mmdet_backbone(resolve_model(params.model.arch, params.model.size))
 
 
-def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, distributed: bool) -> dict:
-    """Build, initialise, (resume,) train and evaluate; returns the metrics (rank 0) and the model info."""
+def _train(params: Params, cfg, data: Path, classifier: Path, run_uri: str, run_id: str, distributed: bool) -> dict:
+    """Build, initialise, (resume,) train, predict and evaluate; returns the metrics (rank 0) and the model info."""
     from mmcv.runner import get_dist_info
     from mmdet.apis import train_detector
     from mmdet.datasets import build_dataset
@@ -243,7 +255,7 @@ def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, dis
         train_detector(model, [dataset], cfg, distributed=distributed, validate=params.finetune.schedule != "demo",
                        timestamp=time.strftime("%Y%m%d_%H%M%S", time.gmtime()),
                        meta=dict(config=cfg.pretty_text, seed=params.seed, CLASSES=dataset.CLASSES))
-    metrics = evaluate_detector(model, cfg, distributed)
+    metrics = evaluate_detector(model, cfg, coco_files(Path(data)), work_dir)
     if get_dist_info()[0] == 0:
         from mmcv.runner import save_checkpoint
         save_checkpoint(model, str(work_dir / "final_detector.pth"),
@@ -258,7 +270,7 @@ def _checkpoint_iter(path: Path | None) -> int:
     return int(path.stem.split("_")[-1]) if path else 0
 
 
-def _evaluate_only(params: Params, cfg) -> dict:
+def _evaluate_only(params: Params, cfg, data: Path) -> dict:
     """``finetune.mode: evaluate``: load a detector checkpoint (official release or ours) and evaluate."""
     from mmcv.runner import load_checkpoint, save_checkpoint
     from mmdet.models import build_detector
@@ -266,8 +278,8 @@ def _evaluate_only(params: Params, cfg) -> dict:
     _register_backbones(params)
     model = build_detector(cfg.model)
     ckpt = load_checkpoint(model, params.finetune.checkpoint, map_location="cpu", strict=False)
-    metrics = evaluate_detector(model, cfg)
     work_dir = Path(cfg.work_dir)
+    metrics = evaluate_detector(model, cfg, coco_files(Path(data)), work_dir)
     save_checkpoint(model, str(work_dir / "final_detector.pth"),
                     meta=dict(CLASSES=tuple(model.CLASSES), config=cfg.pretty_text, source=params.finetune.checkpoint))
     info = {"init": "checkpoint", "init_source": params.finetune.checkpoint,
@@ -336,6 +348,7 @@ def _publish(ctx: "StageContext", cfg, work_dir: Path, result: dict) -> None:
         shutil.copy2(work_dir / "final_detector.pth", staging / "detector.pth")
         _clean_config(cfg).dump(str(staging / "config.py"))
         write_json_atomic(staging / "metrics.json", {**summary, "info": result["info"]})
+        shutil.copytree(work_dir / PREDICTIONS_DIR, staging / PREDICTIONS_DIR)
 
     history = read_loss_history(work_dir / LOSS_HISTORY)
     png = _write_plots(history, ctx)
@@ -366,9 +379,10 @@ def run_finetune(ctx: "StageContext") -> dict:
     run.log_params({"finetune.config_file": str(Path(cfg.filename).name), "finetune.work_dir": str(work_dir)})
     run.log_text(_clean_config(cfg).pretty_text, "config.py")
     (work_dir / "result.json").unlink(missing_ok=True)
+    shutil.rmtree(work_dir / PREDICTIONS_DIR, ignore_errors=True)  # written again after training
 
     if ft.mode == "evaluate":
-        result = _evaluate_only(params, cfg)
+        result = _evaluate_only(params, cfg, data)
     elif ft.launcher == "pytorch":
         params_file = work_dir / "params.json"
         write_json_atomic(params_file, params.model_dump(mode="json"))
@@ -377,7 +391,7 @@ def run_finetune(ctx: "StageContext") -> dict:
         if result is None:
             raise RuntimeError(f"the torchrun workers finished without writing {work_dir / 'result.json'}")
     else:
-        result = _train(params, cfg, classifier, run.uri, run.run_id, distributed=False)
+        result = _train(params, cfg, data, classifier, run.uri, run.run_id, distributed=False)
     _publish(ctx, cfg, work_dir, result)
     return result["metrics"]
 
@@ -404,7 +418,7 @@ def _worker(argv: list[str]) -> int:
     cfg = build_detection_config(params, Path(args.data), Path(args.work_dir), read_classes(files["train"][0]),
                                  device=device, world_size=torch.distributed.get_world_size())
     attach_run(args.run_uri, args.run_id)  # fail fast when the store is unreachable from this worker
-    _train(params, cfg, Path(args.classifier), args.run_uri, args.run_id, distributed=True)
+    _train(params, cfg, Path(args.data), Path(args.classifier), args.run_uri, args.run_id, distributed=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 """COCO evaluation of the detector's predictions (per-class AP) and the ground truth vs. prediction figures.
 
-Loading the detector and predicting a COCO split live in ``overlock.inference.detector``.
+The predictions are the finetune stage's (``models/detector/predictions/<split>.json``, read through
+``overlock.inference.detector.load_predictions``): the detector is not run here.
 """
 
 from __future__ import annotations
@@ -10,32 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from overlock.metrics.coco import coco_evaluate
 
-def coco_evaluate(coco, results: list[dict], iou_type: str) -> dict:
-    """COCO AP (the 12 summary numbers) and per-class AP from ``eval['precision']`` (IoU .5:.95, all areas)."""
-    import contextlib
-    import io
-
-    from pycocotools.cocoeval import COCOeval
-
-    if not results:
-        return {"summary": {}, "per_class": {}}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco.loadRes(results)
-        ev = COCOeval(coco, dt, iou_type)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    summary = {n: float(v) for n, v in zip(names, ev.stats[:6])}
-    precision = ev.eval["precision"]  # [IoU thresholds, recall, classes, areas, max dets]
-    per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        per_class[coco.loadCats([cat_id])[0]["name"]] = (
-            float(p[p > -1].mean()) if (p > -1).any() else float("nan")
-        )
-    return {"summary": summary, "per_class": per_class}
+__all__ = ["coco_evaluate", "read_finetune_metrics", "draw_gt_vs_pred"]
 
 
 def read_finetune_metrics(detector_dir: Path) -> dict:

@@ -229,13 +229,7 @@ def detection_section(
     computed from the raw scores (a monotone calibrator leaves every AP unchanged).
     """
     from overlock.evaluation.detection import coco_evaluate, draw_gt_vs_pred, read_finetune_metrics
-    from overlock.inference.detector import (
-        detection_splits,
-        detector_skip_reason,
-        load_coco,
-        load_detector,
-        predict_coco,
-    )
+    from overlock.inference.detector import detector_skip_reason, load_predictions
 
     reason = detector_skip_reason(params, detector, data)
     if reason:
@@ -243,10 +237,7 @@ def detection_section(
         report.add("Detection", f"Skipped: {reason}.")
         return {"detection.status": "skipped"}
     finetune = read_finetune_metrics(detector)
-    ann_file, img_prefix = detection_splits(data)["val"]
-    coco = load_coco(ann_file)
-    model = load_detector(detector, device)
-    results = predict_coco(model, coco, img_prefix, desc="detect val")
+    coco, img_prefix, results = load_predictions(detector, data, "val")  # the finetune stage's: not run again
     metrics = {"detection.status": "evaluated"}
     per_class = {}
     for iou_type in ("bbox", "segm"):

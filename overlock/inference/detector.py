@@ -1,9 +1,10 @@
-"""The fine-tuned detector (MMDetection 2.x): load it from the finetune output and predict a COCO split.
+"""The fine-tuned detector (MMDetection 2.x) and its predictions, as the finetune stage wrote them.
 
-Shared by the calibrate and evaluate stages. Loading and predicting need mmdet/mmcv-full;
-:func:`detector_skip_reason` tells the stages when there is no detector to use (``data.detection_dataset:
-none``, no ``detector.pth``, no MMDetection) so they skip the detector parts with that reason instead of
-failing.
+Shared by the calibrate and evaluate stages, which read the finetune stage's predictions
+(:func:`load_predictions`; ``models/detector/predictions/<split>.json``) and never run the detector:
+:func:`detector_skip_reason` tells them when there is no detector (``data.detection_dataset: none``, no
+finetune output) so they skip the detector parts with that reason. :func:`load_detector` loads the detector
+itself (mmdet/mmcv-full) for other uses.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 __all__ = ["DETECTOR_FILES", "detection_splits", "mmdet_available", "detector_skip_reason", "load_coco",
-           "load_detector", "predict_coco", "detections_of", "DetectorPredictor"]
+           "load_detector", "load_predictions", "detections_of", "DetectorPredictor"]
 
 DETECTOR_FILES = ("detector.pth", "config.py")
 
@@ -37,31 +37,39 @@ def mmdet_available() -> str | None:
 
 
 def detector_skip_reason(params, detector_dir: Path, data_dir: Path) -> str | None:
-    """Why the detector parts cannot run (None when they can)."""
+    """Why there are no detector predictions to use (None when there are: then the predictions files are
+    required, and :func:`load_predictions` fails clearly when one is missing or bad). MMDetection is not
+    needed: the detector is not run here."""
+    from overlock.data.coco_results import PREDICTIONS_DIR
+
     if params.data.detection_dataset == "none":
         return "data.detection_dataset is 'none': no detector was trained"
-    missing = [f for f in DETECTOR_FILES if not (Path(detector_dir) / f).exists()]
-    if missing:
-        return f"{detector_dir} has no {', '.join(missing)} (the finetune stage produced no detector)"
+    detector_dir = Path(detector_dir)
+    if not (detector_dir / "detector.pth").exists() and not (detector_dir / PREDICTIONS_DIR).is_dir():
+        return (f"{detector_dir} has no detector.pth and no {PREDICTIONS_DIR}/ "
+                "(the finetune stage produced no detector)")
     try:
         detection_splits(data_dir)
     except FileNotFoundError as err:
         return f"no detection dataset: {err}"
-    error = mmdet_available()
-    if error:
-        return f"MMDetection is not importable ({error}); install mmcv-full 1.7.2 and mmdet 2.28.2"
     return None
+
+
+def load_predictions(detector_dir: Path, data_dir: Path, split: str):
+    """``(coco, img_prefix, {"bbox": [...], "segm": [...]})``: the ground truth of ``split`` and the finetune
+    stage's predictions on it (``<detector_dir>/predictions/<split>.json``), checked against each other."""
+    from overlock.data.coco_results import predictions_file, read_predictions
+
+    ann_file, img_prefix = detection_splits(data_dir)[split]
+    coco = load_coco(ann_file)
+    return coco, img_prefix, read_predictions(predictions_file(detector_dir, split), coco)
 
 
 def load_coco(ann_file: str):
     """A pycocotools COCO of ``ann_file`` (quiet)."""
-    import contextlib
-    import io
+    from overlock.data.coco_results import load_coco as _load
 
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(ann_file)
+    return _load(ann_file)
 
 
 def load_detector(detector_dir: Path, device):
@@ -75,35 +83,6 @@ def load_detector(detector_dir: Path, device):
     return init_detector(
         str(detector_dir / "config.py"), str(detector_dir / "detector.pth"), device=str(device)
     )
-
-
-def _category_ids(model, coco) -> list[int]:
-    names = list(getattr(model, "CLASSES", None) or [])
-    by_name = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
-    if names and all(n in by_name for n in names):
-        return [by_name[n] for n in names]
-    return sorted(coco.getCatIds())
-
-
-def predict_coco(
-    model, coco, img_prefix: str, image_ids: list[int] | None = None, desc: str = "detect"
-) -> dict[str, list[dict]]:
-    """COCO-format results {"bbox": [...], "segm": [...]} of ``model`` on the images of ``coco``."""
-    from mmdet.apis import inference_detector
-
-    cat_ids = _category_ids(model, coco)
-    out: dict[str, list[dict]] = {"bbox": [], "segm": []}
-    for image_id in tqdm(image_ids or coco.getImgIds(), desc=desc, leave=False):
-        info = coco.loadImgs([image_id])[0]
-        result = inference_detector(model, str(Path(img_prefix) / info["file_name"]))
-        for det in detections_of(result, with_masks=True):
-            x1, y1, x2, y2 = det["bbox"]
-            coco_det = {"image_id": image_id, "category_id": cat_ids[det["label_id"]], "score": det["score"],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1]}
-            out["bbox"].append(coco_det)
-            if "mask" in det:
-                out["segm"].append({**coco_det, "segmentation": det["mask"]})
-    return out
 
 
 def detections_of(result, with_masks: bool = True) -> list[dict]:

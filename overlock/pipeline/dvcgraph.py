@@ -44,7 +44,7 @@ def _schema() -> dict:
 def expected_stage(spec: StageSpec, schema: dict | None = None) -> dict:
     """The stage's dvc.yaml entry: cmd, deps, params (result params only), outs, metrics, plots."""
     entry: dict = {"cmd": command(spec), "deps": list(spec.deps), "params": result_keys(spec, schema or _schema())}
-    outs = [p.dvc if p.cache else {p.dvc: {"cache": False}} for p in spec.by_role("out")]
+    outs = [p.tracked if p.cache else {p.tracked: {"cache": False}} for p in spec.by_role("out")]
     if outs:
         entry["outs"] = outs
     if spec.by_role("metrics"):
@@ -78,8 +78,8 @@ def check_dvc_yaml(path: Path) -> list[str]:
                                 f"missing {sorted(missing)}")
         caches = {k: v for item in have.get("outs") or [] if isinstance(item, dict) for k, v in item.items()}
         for option in spec.by_role("out"):
-            if (caches.get(option.dvc) or {}).get("cache", True) != option.cache:
-                problems.append(f"{name}: out {option.dvc} must have cache: {str(option.cache).lower()}")
+            if (caches.get(option.tracked) or {}).get("cache", True) != option.cache:
+                problems.append(f"{name}: out {option.tracked} must have cache: {str(option.cache).lower()}")
     return problems
 
 

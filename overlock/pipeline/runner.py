@@ -46,6 +46,23 @@ def run_stage(stage: str, argv: Sequence[str] | None = None, prog: str | None = 
         return 2
     paths = {option.name: Path(getattr(args, option.name)) for option in spec.paths
              if getattr(args, option.name) is not None}
+    if not _inputs_match_manifests(spec, paths):
+        return 1
     with open_stage(spec, params, **paths) as ctx:
         ctx.call()
     return 0
+
+
+def _inputs_match_manifests(spec: StageSpec, paths: dict[str, Path]) -> bool:
+    """Check each input tree that DVC tracks through a manifest (data/datasets) against it: DVC does not see
+    a file changed by hand inside it. Prints the problem and the fix; False when one differs."""
+    from overlock.data.manifest import DatasetChangedError, check_tree
+
+    for option in spec.by_role("in"):
+        if option.manifest:
+            try:
+                check_tree(paths[option.name])
+            except DatasetChangedError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return False
+    return True

@@ -21,7 +21,8 @@ Role = Literal["in", "out", "metrics", "plots"]
 KERNEL_CODE = ("overlock/__init__.py", "overlock/pipeline/__init__.py", "overlock/pipeline/context.py",
                "overlock/pipeline/runner.py", "overlock/backends.py", "overlock/compute.py", "overlock/params.py",
                "overlock/registry.py", "overlock/catalog.py", "overlock/state.py", "overlock/tracking.py",
-               "overlock/pipeline/records.py")
+               "overlock/pipeline/records.py",
+               "overlock/data/manifest.py")  # the entry point checks data/datasets against its manifest
 # The descriptions themselves are not a dep: everything they say that DVC acts on is written in the stage's
 # own dvc.yaml entry (cmd, deps, params, outs), which DVC compares stage by stage; the check is a test.
 DESCRIPTION_FILES = ("overlock/pipeline/spec.py",)
@@ -49,7 +50,13 @@ class PathOption:
     dvc: str
     cache: bool = True          # DVC cache for an ``out`` (large extracted data: false)
     plot_file: str = ""         # the CSV inside a ``plots`` directory that dvc.yaml declares
+    manifest: str = ""          # a file inside ``dvc`` that DVC tracks instead of the tree (data/datasets)
     optional: bool = False      # an input the stage function may go without (``ctx.paths.get``); dvc.yaml passes it
+
+    @property
+    def tracked(self) -> str:
+        """The path dvc.yaml declares: the manifest when there is one, else the path itself."""
+        return f"{self.dvc}/{self.manifest}" if self.manifest else self.dvc
 
     @property
     def flag(self) -> str:
@@ -89,14 +96,17 @@ class StageSpec:
     @property
     def deps(self) -> tuple[str, ...]:
         """dvc.yaml deps: the entry point, the kernel, the stage's code and its input paths."""
-        return (self.entry, *KERNEL_CODE, *self.code, *(p.dvc for p in self.by_role("in")))
+        return (self.entry, *KERNEL_CODE, *self.code, *(p.tracked for p in self.by_role("in")))
 
 
 def _paths(**kw: tuple) -> tuple[PathOption, ...]:
     return tuple(PathOption(name, *args) for name, args in kw.items())
 
 
-DATASETS = ("in", "root of the extracted datasets", "data/datasets")
+# The extracted datasets: DVC tracks their MANIFEST.json, not the tree (hashing 1.3 M files made a no-op
+# `dvc status` take minutes at ImageNet size; see overlock/data/manifest.py); .dvcignore hides the tree.
+DATASETS_MANIFEST = "MANIFEST.json"
+DATASETS = ("in", "root of the extracted datasets", "data/datasets", True, "", DATASETS_MANIFEST)
 CLASSIFIER = ("in", "pretrain stage output", "models/classifier")
 DETECTOR = ("in", "finetune stage output", "models/detector")
 MODEL_CODE = ("overlock/models",)
@@ -104,7 +114,7 @@ MODEL_CODE = ("overlock/models",)
 CLASSIFIER_AND_DETECTOR_CODE = (
     "overlock/calibration", "overlock/evaluation", "overlock/inference", "overlock/metrics", "overlock/figures.py",
     "overlock/training/__init__.py", "overlock/training/loader.py", "overlock/compat.py", "overlock/data/__init__.py",
-    "overlock/data/datasets.py", "overlock/detection", *MODEL_CODE)
+    "overlock/data/datasets.py", "overlock/data/coco_results.py", "overlock/detection", *MODEL_CODE)
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -123,7 +133,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         help="safely extract archives into the standard layouts and write the integrity report",
         entry="stages/extract.py", function="overlock.data.extract:run_extract",
         paths=_paths(archives=("in", "directory of verified archives (download stage output)", "data/archives"),
-                     out=("out", "root of the extracted datasets", "data/datasets", False),
+                     out=("out", "root of the extracted datasets", "data/datasets", False, "", DATASETS_MANIFEST),
                      metrics=("metrics", "integrity report (DVC metrics JSON)", "metrics/data.json")),
         datasets=("classification/train", "classification/calibration", "classification/val", "detection/train",
                   "detection/calibration", "detection/val"), datasets_path="out",
@@ -155,7 +165,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                      plots=("plots", "DVC plots directory", "plots/finetune", True, "loss.csv")),
         result_params=("seed", "data.detection_dataset", "model", "finetune", "compute"),
         code=("overlock/detection", "overlock/compat.py", "overlock/data/__init__.py",
-              "overlock/data/datasets.py", *MODEL_CODE),
+              "overlock/data/datasets.py", "overlock/data/coco_results.py", "overlock/metrics/__init__.py",
+              "overlock/metrics/coco.py", *MODEL_CODE),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
         resume_inputs="overlock.detection.finetune:input_fingerprint",
         datasets=("detection/train", "detection/val")),
@@ -192,7 +203,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         entry="stages/evaluate.py", function="overlock.evaluation.stage:run_evaluate",
         paths=_paths(data=DATASETS, classifier=CLASSIFIER, detector=DETECTOR,
                      calibration=("in", "calibrate stage output", "models/calibration"),
-                     segmenter=("in", "segment stage output", "models/segmenter", True, "", True),
+                     segmenter=("in", "segment stage output", "models/segmenter", True, "", "", True),
                      out=("out", "report directory", "reports"),
                      metrics=("metrics", "DVC metrics JSON", "metrics/evaluate.json"),
                      plots=("plots", "DVC plots directory", "plots/evaluate", True, "per_class_accuracy.csv")),
