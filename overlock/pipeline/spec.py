@@ -181,7 +181,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         result_params=("seed", "data.segmentation_dataset", "data.calibration_per_class", "model", "segment",
                        "compute"),
         code=("overlock/segmentation", "overlock/detection", "overlock/compat.py", "overlock/data/__init__.py",
-              "overlock/data/datasets.py", "overlock/metrics", "overlock/calibration", "overlock/inference/__init__.py",
+              "overlock/data/datasets.py", "overlock/data/coco_results.py", "overlock/metrics", "overlock/calibration", "overlock/inference/__init__.py",
               "overlock/inference/calibrated.py", "overlock/figures.py", *MODEL_CODE),
         loads=("overlock.models", "overlock.segmentation.backbone"),
         resume_inputs="overlock.segmentation.stage:input_fingerprint"),
