@@ -59,7 +59,7 @@ class DataParams(_Section):
     """Which datasets the ``download``/``extract`` stages prepare and where their archives come from."""
     dataset: DatasetName = "demo"
     detection_dataset: DetectionDatasetName = "demo_coco"
-    segmentation_dataset: SegmentationDatasetName = "demo_ade"  # ADE20K layout; none: no segment stage work
+    segmentation_dataset: SegmentationDatasetName = "none"  # demo_ade (params.yaml) | ade20k; none: no segment stage work
     root: str = "data"
     # archive file name -> http(s) URL, file:// URL or local path (ImageNet needs a login: local paths), or
     # {path: ..., sha256: ...}; your own data: `folder` / `coco_folder` -> a directory or a tar/tar.gz/zip

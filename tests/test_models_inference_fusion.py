@@ -86,6 +86,9 @@ def test_with_autograd_the_fused_model_falls_back_and_gives_the_same_input_gradi
 
 
 def test_bf16_autocast_runs_fused_and_stays_close_to_the_unfused_model(deploy_model, forward_calls):
+    from overlock.models.inference_fusion import _onednn_bf16_supported
+    if not _onednn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 convolution (needs AVX512 bw/vl/dq or AVX-NE-CONVERT)")
     model = deploy_model().to(memory_format=torch.channels_last)
     reference = _unfused(model)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)

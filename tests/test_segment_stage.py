@@ -144,8 +144,7 @@ def test_metrics_reach_dvc_and_mlflow(killed_and_resumed):
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "segmenter")}
     assert {"segmenter/segmenter.pth", "segmenter/config.py", "segmenter/masks.png",
             "segmenter/reliability.png", "segmenter/per_class_iou.json"} <= artifacts
-    versions = client.search_model_versions("name='overlock-segmenter'")
-    assert versions and versions[0].run_id == runs[0].info.run_id
+    assert not client.search_model_versions("name='overlock-segmenter'")  # logged, not registered (no pyfunc)
     per_class = json.loads((root / "models/segmenter/per_class_iou.json").read_text())
     assert [r["class"] for r in per_class] == killed_and_resumed["classes"]
     cal = json.loads((root / "models/segmenter/temperature.json").read_text())

@@ -70,10 +70,18 @@ def _is_activation(module: nn.Module) -> bool:
 def fused_conv_path(device_type: str, grad_enabled: bool, onednn_available: bool, dtype: torch.dtype) -> str:
     """'onednn' (one fused convolution + post-op call: CPU, float32/bfloat16, no autograd) or 'torch' (the
     convolution, then the activation and the add as separate ops: CUDA, training, other dtypes)."""
-    if device_type == "cpu" and not grad_enabled and onednn_available and dtype in (torch.float32,
-                                                                                   torch.bfloat16):
+    if device_type == "cpu" and not grad_enabled and onednn_available and (
+            dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16_supported())):
         return "onednn"
     return "torch"
+
+
+def _onednn_bf16_supported() -> bool:
+    """oneDNN's bf16 convolution needs AVX512 (bw/vl/dq) or AVX-NE-CONVERT; elsewhere it raises."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def gemm_in_place(device_type: str, grad_enabled: bool, autocast_enabled: bool) -> bool:

@@ -14,8 +14,8 @@
 3. evaluates on val (mIoU, mAcc, aAcc, per-class IoU), fits a pixel-wise temperature on the held-out
    calibration split (ECE/NLL before and after on val), writes the DVC metrics, the loss curve and the
    figures, the outs (``segmenter.pth``, ``config.py``, ``metrics.json``, ``temperature.json``,
-   ``per_class_iou.json``, figures) through a staging dir, logs everything to MLflow and registers
-   ``overlock-segmenter``.
+   ``per_class_iou.json``, figures) through a staging dir and logs everything to MLflow (as artifacts: the
+   registry holds only models MLflow can serve, and the segmenter has no pyfunc flavor yet).
 
 ``data.segmentation_dataset: none`` or a baseline ``model.arch`` skips the stage's work: its outputs say so
 (``status: skipped`` and the reason).
@@ -51,9 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["run_segment", "input_fingerprint", "check_inputs", "init_backbone", "load_segmenter_checkpoint",
-           "evaluate_segmenter", "REGISTERED_NAME", "SEG_METRICS"]
+           "evaluate_segmenter", "SEG_METRICS"]
 
-REGISTERED_NAME = "overlock-segmenter"
 SEG_METRICS = ("mIoU", "mAcc", "aAcc")
 
 
@@ -338,10 +337,9 @@ def _publish(ctx: "StageContext", cfg, work_dir: Path, model_file: Path, info: d
         run.log_summary(flat)
         run.set_tags({f"segment.{k}": v for k, v in info.items() if not isinstance(v, (int, float))})
         run.log_artifact(png, "plots")
+        # logged, not registered: the registry holds models MLflow can load and serve (overlock.serving), and
+        # the segmenter has no pyfunc flavor yet
         run.log_artifacts(ctx["out"], "segmenter")
-        if params.tracking.register_models:
-            version = run.register_artifacts("segmenter", REGISTERED_NAME)
-            log.info("registered %s version %s", REGISTERED_NAME, version)
     return flat
 
 
