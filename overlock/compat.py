@@ -121,6 +121,20 @@ def patch_mmddp() -> None:
         MMDistributedDataParallel._replicated_tensor_module = None
 
 
+def cpu_capable_build_ddp(build_ddp):
+    """OpenMMLab's ``build_ddp(model, device, ...)`` that also takes ``device="cpu"`` (gloo processes)."""
+    from mmcv.parallel import MMDistributedDataParallel
+
+    def build_ddp_with_cpu(model, device="cuda", *args, **kwargs):
+        if device != "cpu":
+            return build_ddp(model, device, *args, **kwargs)
+        kwargs.pop("device_ids", None)
+        return MMDistributedDataParallel(model, *args, device_ids=None, **kwargs)
+
+    build_ddp_with_cpu.__doc__ = build_ddp.__doc__
+    return build_ddp_with_cpu
+
+
 def patch_cpu_distributed() -> None:
     """``build_ddp(model, "cpu")`` and CPU ``MMDistributedDataParallel.train_step/val_step`` (gloo)."""
     import mmdet.apis.train as mmdet_train
@@ -142,15 +156,7 @@ def patch_cpu_distributed() -> None:
     for module in (dist_utils, core_utils, class_aware_sampler, distributed_sampler, infinite_sampler):
         module.sync_random_seed = sync_random_seed_any_device
 
-    build_ddp = ORIGINALS.setdefault("build_ddp", distribution.build_ddp)
-
-    def build_ddp_with_cpu(model, device="cuda", *args, **kwargs):
-        if device != "cpu":
-            return build_ddp(model, device, *args, **kwargs)
-        kwargs.pop("device_ids", None)
-        return MMDistributedDataParallel(model, *args, device_ids=None, **kwargs)
-
-    build_ddp_with_cpu.__doc__ = build_ddp.__doc__
+    build_ddp_with_cpu = cpu_capable_build_ddp(ORIGINALS.setdefault("build_ddp", distribution.build_ddp))
     distribution.build_ddp = build_ddp_with_cpu
     mmdet_train.build_ddp = build_ddp_with_cpu  # imported by name there
 

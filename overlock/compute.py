@@ -84,3 +84,20 @@ def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=memory_format)
     return module
+
+
+def launch_torchrun(section: str, nproc_per_node: int | None, module: str, worker_args: list[str]) -> None:
+    """Run ``python -m <module> worker <worker_args>`` under ``torchrun`` in the repository root: one process
+    per visible GPU (or ``<section>.nproc_per_node``, which also runs gloo CPU processes on a CPU-only host)."""
+    import logging
+    import subprocess
+    import sys
+
+    nproc = nproc_per_node or torch.cuda.device_count()
+    if nproc < 1:
+        raise RuntimeError(f"{section}.launcher=pytorch found no CUDA GPU: use {section}.launcher=none to train on "
+                           f"the CPU, or set {section}.nproc_per_node to run that many CPU processes (gloo)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           module, "worker", *worker_args]
+    logging.getLogger(f"overlock.{section}").info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=repo_root())

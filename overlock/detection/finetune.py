@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 import zipfile
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import overlock.compat  # noqa: F401  (mmcv/torch 2.x shims before anything imports mmcv)
-from overlock.compute import repo_root
+from overlock.compute import launch_torchrun
 from overlock.detection.config import build_detection_config, coco_files
 from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
 from overlock.data.coco_results import PREDICTIONS_DIR
@@ -292,42 +291,17 @@ def _evaluate_only(params: Params, cfg, data: Path) -> dict:
 def _launch_torchrun(params: Params, params_file: Path, run: StageRun, data: Path, classifier: Path,
                      work_dir: Path) -> None:
     """Run the training under ``torchrun`` (one process per GPU; gloo CPU processes on a CPU-only host)."""
-    nproc = params.finetune.nproc_per_node or torch.cuda.device_count()
-    if nproc < 1:
-        raise RuntimeError("finetune.launcher=pytorch found no CUDA GPU: use finetune.launcher=none to train on "
-                           "the CPU, or set finetune.nproc_per_node to run that many CPU processes (gloo)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "overlock.detection.finetune", "worker", "--params-json", str(params_file), "--data", str(data),
-           "--classifier", str(classifier), "--work-dir", str(work_dir), "--run-uri", run.uri,
-           "--run-id", run.run_id]
-    log.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=repo_root())
+    launch_torchrun("finetune", params.finetune.nproc_per_node, "overlock.detection.finetune",
+                    ["--params-json", str(params_file), "--data", str(data), "--classifier", str(classifier),
+                     "--work-dir", str(work_dir), "--run-uri", run.uri, "--run-id", run.run_id])
 
 
 # ---------------------------------------------------------------------------------------- outputs
 def _write_plots(history: list[dict], ctx: "StageContext") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from overlock.figures import loss_curve
 
-    plots = ctx["plots"]
     ctx.write_plot([{"iter": r["iter"], "loss": f"{r['loss']:.6g}"} for r in history if "loss" in r], ["iter", "loss"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    terms = sorted({k for r in history for k in r if k.startswith("loss")})
-    for k in terms:
-        pts = [(r["iter"], r[k]) for r in history if k in r]
-        ax.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title("finetune: training losses")
-    if terms:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no training (finetune.mode=evaluate)", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(plots / "loss.png", dpi=100)
-    plt.close(fig)
-    return plots / "loss.png"
+    return loss_curve(history, ctx["plots"] / "loss.png", "finetune")
 
 
 def _clean_config(cfg):

@@ -166,7 +166,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         result_params=("seed", "data.detection_dataset", "model", "finetune", "compute"),
         code=("overlock/detection", "overlock/compat.py", "overlock/data/__init__.py",
               "overlock/data/datasets.py", "overlock/data/coco_results.py", "overlock/metrics/__init__.py",
-              "overlock/metrics/coco.py", *MODEL_CODE),
+              "overlock/metrics/coco.py", "overlock/figures.py", *MODEL_CODE),
         loads=("overlock.models", "overlock.detection.backbone", "overlock.detection.baseline_backbones"),
         resume_inputs="overlock.detection.finetune:input_fingerprint",
         datasets=("detection/train", "detection/val")),

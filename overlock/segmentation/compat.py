@@ -24,17 +24,9 @@ def apply_mmseg_shims() -> None:
     import mmseg.datasets.samplers.distributed_sampler as sampler
     import mmseg.utils as mmseg_utils
     import mmseg.utils.util_distribution as distribution
-    from mmcv.parallel import MMDistributedDataParallel
 
-    build_ddp = _ORIGINALS.setdefault("build_ddp", distribution.build_ddp)
-
-    def build_ddp_with_cpu(model, device="cuda", *args, **kwargs):
-        if device != "cpu":
-            return build_ddp(model, device, *args, **kwargs)
-        kwargs.pop("device_ids", None)
-        return MMDistributedDataParallel(model, *args, device_ids=None, **kwargs)
-
-    build_ddp_with_cpu.__doc__ = build_ddp.__doc__
+    original = _ORIGINALS.setdefault("build_ddp", distribution.build_ddp)
+    build_ddp_with_cpu = overlock.compat.cpu_capable_build_ddp(original)
     for module in (distribution, mmseg_utils, mmseg_train):
         module.build_ddp = build_ddp_with_cpu
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from overlock import figures
 from overlock.figures import plt, save_figure
 
 __all__ = ["palette", "colourise", "mask_panels", "per_class_iou_chart", "loss_curve"]
@@ -57,16 +58,5 @@ def per_class_iou_chart(names: Sequence[str], iou: Sequence[float], path: Path, 
 
 def loss_curve(history: list[dict], path: Path) -> Path:
     """Training losses per iteration (or a note when the stage only evaluated)."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    terms = sorted({k for r in history for k in r if k.startswith("loss") or k.endswith("loss_ce")})
-    for k in terms:
-        pts = [(r["iter"], r[k]) for r in history if k in r]
-        ax.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title("segment: training losses")
-    if terms:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no training (segment.mode=evaluate)", ha="center", transform=ax.transAxes)
-    return save_figure(fig, path)
+    return figures.loss_curve(history, path, "segment",
+                              is_loss=lambda k: k.startswith("loss") or k.endswith("loss_ce"))

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 import overlock.compat  # noqa: F401  (mmcv/torch 2.x shims before anything imports mmcv)
-from overlock.compute import repo_root
+from overlock.compute import launch_torchrun
 from overlock.data.datasets import segmentation_classes, segmentation_split_files
 from overlock.detection.mlflow_hook import LOSS_HISTORY, read_loss_history
 from overlock.detection.finetune import latest_checkpoint
@@ -201,16 +200,9 @@ def _train(params: Params, cfg, classifier: Path, run_uri: str, run_id: str, dis
 
 def _launch_torchrun(params: Params, params_file: Path, run: StageRun, data: Path, classifier: Path,
                      work_dir: Path) -> None:
-    nproc = params.segment.nproc_per_node or torch.cuda.device_count()
-    if nproc < 1:
-        raise RuntimeError("segment.launcher=pytorch found no CUDA GPU: use segment.launcher=none to train on "
-                           "the CPU, or set segment.nproc_per_node to run that many CPU processes (gloo)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "overlock.segmentation.stage", "worker", "--params-json", str(params_file), "--data", str(data),
-           "--classifier", str(classifier), "--work-dir", str(work_dir), "--run-uri", run.uri,
-           "--run-id", run.run_id]
-    log.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=repo_root())
+    launch_torchrun("segment", params.segment.nproc_per_node, "overlock.segmentation.stage",
+                    ["--params-json", str(params_file), "--data", str(data), "--classifier", str(classifier),
+                     "--work-dir", str(work_dir), "--run-uri", run.uri, "--run-id", run.run_id])
 
 
 # ---------------------------------------------------------------------------------------- evaluation
