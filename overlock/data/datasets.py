@@ -177,7 +177,7 @@ def split_records(data_dir: str | Path, splits: tuple[str, ...], names: dict[str
     """Records (name, split, digest, source, profile) of ``splits`` such as ``"classification/train"``,
     ``"detection/val"``; those absent from ``data_dir`` (e.g. no detection dataset) are left out.
     ``names``: the dataset name per task (``data.dataset``, ``data.detection_dataset``)."""
-    records = []
+    records, data_dir = [], Path(data_dir).resolve()  # sources as absolute paths (stages get relative ones)
     for item in splits:
         task, split = item.split("/")
         if task == "classification" and (classification_root(data_dir) / "classes.json").exists():
