@@ -86,6 +86,35 @@ def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format
     return module
 
 
+#: the arguments :func:`launch_torchrun`'s callers pass to their ``worker`` entry point
+TORCHRUN_WORKER_ARGS = ("params-json", "data", "classifier", "work-dir", "run-uri", "run-id")
+
+
+def start_torchrun_worker(module: str, argv: list[str]):
+    """In a process started by :func:`launch_torchrun`: parse the worker arguments, apply the pipeline's compute
+    params, initialise the process group (NCCL on this rank's GPU, else gloo on the CPU). Returns
+    ``(args, params, device)``."""
+    import argparse
+    import json
+
+    from mmcv.runner import init_dist
+
+    from overlock.params import parse_params
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module} worker")
+    for name in TORCHRUN_WORKER_ARGS:
+        parser.add_argument(f"--{name}", required=True)
+    args = parser.parse_args(argv)
+    params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
+    configure(params.compute, params.seed)  # the pipeline's compute params, applied in this process too
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        init_dist("pytorch", backend="nccl")  # also pins this rank's GPU
+    else:
+        torch.distributed.init_process_group("gloo")
+    return args, params, device
+
+
 def launch_torchrun(section: str, nproc_per_node: int | None, module: str, worker_args: list[str]) -> None:
     """Run ``python -m <module> worker <worker_args>`` under ``torchrun`` in the repository root: one process
     per visible GPU (or ``<section>.nproc_per_node``, which also runs gloo CPU processes on a CPU-only host)."""

@@ -1,5 +1,6 @@
 """Detector parts of calibrate/evaluate with a real, briefly trained MMDetection Mask R-CNN on demo COCO data."""
 
+import io
 import json
 import re
 from pathlib import Path
@@ -188,6 +189,53 @@ def test_registered_detector_answers_boxes_labels_rle_masks_and_calibrated_score
         for (x1, y1, x2, y2), rle in zip(row["boxes"], row["masks"]):
             assert -1 <= x1 < x2 <= w + 1 and -1 <= y1 < y2 <= h + 1
             assert mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).shape == (h, w)
+
+
+def test_served_detector_answers_over_http_outside_the_checkout(detector_workspace, tmp_path):
+    """README "Deploy": the real `mlflow models serve -m models:/overlock-detector@latest-pipeline`, started from a
+    directory outside the checkout in an environment that hides this repository (tests/mlflow_serving.py),
+    answers JPEGs with the calibrated detections of the model itself, and a file that is not an image with a
+    clear 400."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from mlflow_serving import invoke, served
+    from overlock.inference.calibrated import ScoreCalibrator
+    from overlock.inference.detector import DetectorPredictor, detection_splits, load_detector
+    from overlock.inference.images import read_rgb
+    from overlock.params import parse_params
+    from overlock.serving.package import register_detector
+    from overlock.tracking import start_stage
+
+    ws = detector_workspace
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = start_stage("calibrate", parse_params({"tracking": {"uri": uri}}), root=tmp_path)
+    register_detector(run, ws["detector"], _score_calibration(tmp_path / "calibration"))
+    run.finish()
+    _, img_dir = detection_splits(ws["data"])["val"]
+    paths = sorted(Path(img_dir).iterdir())[:2]
+    jpegs = []
+    for path in paths:  # JPEG bytes, as a client sends them
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    with served("models:/overlock-detector@latest-pipeline", tmp_path, uri) as srv:
+        status, answer = invoke(srv["url"], jpegs, params={"score_threshold": 0.05}, timeout=120)
+        bad_status, bad = invoke(srv["url"], [jpegs[0], b"not an image at all"], timeout=120)
+    assert status == 200, answer
+    assert not (tmp_path / "hidden_opens.log").exists(), (tmp_path / "hidden_opens.log").read_text()
+    rows = answer["predictions"]
+    direct = DetectorPredictor(load_detector(ws["detector"], "cpu")).detect([read_rgb(b) for b in jpegs])
+    calibrator = ScoreCalibrator("temperature", DETECTOR_T)
+    assert len(rows) == 2 and sum(len(r["boxes"]) for r in rows) > 0
+    for row, raw, path in zip(rows, direct, paths):
+        w, h = Image.open(path).size
+        assert sorted(row["raw_scores"]) == pytest.approx(sorted(d["score"] for d in raw), abs=1e-5)
+        np.testing.assert_allclose(row["scores"], calibrator(np.array(row["raw_scores"])), atol=1e-6)
+        assert set(row["labels"]) <= set(ws["classes"]) and len(row["masks"]) == len(row["boxes"])
+        for rle in row["masks"]:
+            assert mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).shape == (h, w)
+    assert bad_status == 400 and "row 1" in bad["message"] and "not a readable image" in bad["message"]
 
 
 def test_predict_cli_detect_draws_images_and_writes_coco_json(detector_workspace, tmp_path):

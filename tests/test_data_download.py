@@ -198,7 +198,8 @@ def test_demo_stages_from_the_command_line(repo, mlflow_db, tmp_path, monkeypatc
     from stages import download as download_stage
     from stages import extract as extract_stage
     params_file = repo / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"seed": 3, "data": {"demo": SMALL_DEMO, "calibration_per_class": 2},
+    params_file.write_text(yaml.safe_dump({"seed": 3, "data": {"demo": SMALL_DEMO, "calibration_per_class": 2,
+                                                                    "segmentation_dataset": "demo_ade"},
                                            "tracking": {"uri": f"sqlite:///{mlflow_db}"}}))
     out, datasets, metrics = repo / "data" / "archives", repo / "data" / "datasets", repo / "metrics" / "data.json"
     assert download_stage.main(["--params", str(params_file), "--out", str(out)]) == 0

@@ -145,7 +145,8 @@ def test_official_recipe_trains_at_224_on_real_size_images(ray_local, real_size_
             "projection": 64}
     params = parse_params({
         "seed": 0, "model": {"overrides": tiny},
-        "pretrain": {"recipe": "official", "epochs": 1, "batch_size": 8, "workers": 1, "cpus_per_worker": 1,
+        "pretrain": {"recipe": "official", "epochs": 1, "batch_size": 8, "global_batch": 16, "workers": 1,
+                     "cpus_per_worker": 1,
                      "num_data_workers": 1, "max_steps_per_epoch": 3, "log_every_steps": 1, "max_failures": 0,
                      "storage_path": str(tmp_path / "ray")},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register_models": False}})
@@ -154,6 +155,6 @@ def test_official_recipe_trains_at_224_on_real_size_images(ray_local, real_size_
     with open_stage("pretrain", params, **paths) as ctx:
         summary = run_pretrain(ctx)
     history = json.loads((paths["out"] / "history.json").read_text())
-    assert summary["epochs"] == 1 and history[-1]["step"] == 3  # max_steps_per_epoch steps of batch 8
+    assert summary["epochs"] == 1 and history[-1]["step"] == 3  # optimizer steps of 2 x 8 images
     assert np.isfinite(history[-1]["train_loss"]) and np.isfinite(summary["final_val_top1"])
     assert json.loads((paths["out"] / "model.json").read_text())["input_size"] == [3, 224, 224]

@@ -53,6 +53,7 @@ def write_pretrain_output(out: Path, overrides: dict, seed: int = 1) -> dict:
 
 def _params(store: str, **segment) -> dict:
     return {"seed": 0, "model": {"arch": "overlock", "size": "xt", "overrides": TINY},
+            "data": {"segmentation_dataset": "demo_ade"},
             "segment": {"max_iters": MAX_ITERS, "checkpoint_interval": CKPT_EVERY, "crop_size": [64, 64],
                         "head_channels": 16, "samples_per_gpu": 2, "figure_images": 2, **segment},
             "tracking": {"uri": store, "experiment": "segment-test"}, "compute": {"threads": 1}}

@@ -173,3 +173,21 @@ def test_stage_log_copies_the_output_of_the_process_and_its_children(tmp_path, c
     assert "after stop" not in text
     out, err = capfd.readouterr()
     assert "from the stage" in out and "child out" in out and "after stop" in out and "child err" in err
+
+
+def test_stage_log_keeps_the_lines_of_stdout_and_stderr_whole(tmp_path, capfd):
+    """A line of stdout written in pieces (``print`` writes the text, then the newline) is not split by a line
+    of stderr written in between: the log holds the same lines the user saw on the two streams."""
+    import time
+
+    from overlock.pipeline.records import StageLog
+    log = StageLog(tmp_path / "stage.log").start()
+    os.write(1, b"Done (t=0.00s)")
+    time.sleep(0.2)  # the pumps have read the partial line before the warning arrives
+    os.write(2, b"UserWarning: a warning\n")
+    time.sleep(0.2)
+    os.write(1, b"\nno newline at the end")
+    log.stop()
+    lines = (tmp_path / "stage.log").read_text().splitlines()
+    assert sorted(lines) == sorted(["Done (t=0.00s)", "UserWarning: a warning", "no newline at the end"]), lines
+    capfd.readouterr()

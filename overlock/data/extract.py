@@ -282,6 +282,9 @@ def run_extract(params, run, archives: Path, out: Path, metrics: Path) -> dict:
     if skipped:
         log.info("extract: %s is up to date with the archives; nothing to do", out)
     else:
+        if out.exists():  # a dataset of other archives or params: gone before the rebuild, so a failed
+            log.info("extract: removing the out-of-date %s", out)  # rebuild leaves nothing that looks valid
+            shutil.rmtree(out)
         staging = state / "staging"
         staging.mkdir(parents=True, exist_ok=True)
         try:

@@ -23,7 +23,6 @@ predicts its shard of the val and calibration images and rank 0 merges and write
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -277,13 +276,19 @@ def _evaluate_only(params: Params, cfg, data: Path) -> dict:
     _register_backbones(params)
     model = build_detector(cfg.model)
     ckpt = load_checkpoint(model, params.finetune.checkpoint, map_location="cpu", strict=False)
+    meta = (ckpt or {}).get("meta", {}) or {}
+    if meta.get("CLASSES"):  # the checkpoint's class names, else those of the dataset it is evaluated on
+        model.CLASSES = tuple(meta["CLASSES"])
+    else:
+        from mmdet.datasets import build_dataset
+        model.CLASSES = tuple(build_dataset(cfg.data.val).CLASSES)
     work_dir = Path(cfg.work_dir)
     metrics = evaluate_detector(model, cfg, coco_files(Path(data)), work_dir)
     save_checkpoint(model, str(work_dir / "final_detector.pth"),
                     meta=dict(CLASSES=tuple(model.CLASSES), config=cfg.pretty_text, source=params.finetune.checkpoint))
     info = {"init": "checkpoint", "init_source": params.finetune.checkpoint,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "checkpoint_meta_keys": sorted(map(str, (ckpt or {}).get("meta", {}) or {}))}
+            "checkpoint_meta_keys": sorted(map(str, meta))}
     write_json_atomic(work_dir / "result.json", {"metrics": metrics, "info": info})
     return {"metrics": metrics, "info": info}
 
@@ -371,23 +376,10 @@ def run_finetune(ctx: "StageContext") -> dict:
 
 
 def _worker(argv: list[str]) -> int:
-    """torchrun worker: initialise the process group, train on this rank's GPU (or CPU), rank 0 logs to MLflow."""
-    from mmcv.runner import init_dist
+    """torchrun worker: train on this rank's GPU (or CPU, gloo); rank 0 logs to MLflow."""
+    from overlock.compute import start_torchrun_worker
 
-    from overlock.compute import configure
-    from overlock.params import parse_params
-
-    parser = argparse.ArgumentParser(prog="python -m overlock.detection.finetune worker")
-    for name in ("params-json", "data", "classifier", "work-dir", "run-uri", "run-id"):
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args(argv)
-    params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
-    configure(params.compute, params.seed)  # the pipeline's compute params, applied in this process too
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        init_dist("pytorch", backend="nccl")  # also pins this rank's GPU
-    else:
-        torch.distributed.init_process_group("gloo")
+    args, params, device = start_torchrun_worker("overlock.detection.finetune", argv)
     files = coco_files(Path(args.data))
     cfg = build_detection_config(params, Path(args.data), Path(args.work_dir), read_classes(files["train"][0]),
                                  device=device, world_size=torch.distributed.get_world_size())

@@ -56,23 +56,33 @@ class StageLog:
         return self
 
     def _pump(self, read: int, saved: int) -> None:
+        """Show what arrives at once; log it a whole line at a time, so that a line of stdout written in two
+        pieces (``print`` writes the text, then the newline) is not split by a line of stderr in the file."""
+        pending = b""
         try:
             while data := _read(read):
                 with contextlib.suppress(OSError):
                     _write_all(saved, data)
-                with self._lock:
-                    if self._file is not None:
-                        self._file.write(data)
-                        self._file.flush()
+                pending += data
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+                if cut == 0 and len(pending) > 1 << 16:  # a very long line: no reason to hold it further
+                    cut = len(pending)
+                if cut:
+                    self._log(pending[:cut])
+                    pending = pending[cut:]
         finally:
+            self._log(pending)
             os.close(read)
+
+    def _log(self, data: bytes) -> None:
+        with self._lock:
+            if data and self._file is not None:
+                self._file.write(data)
+                self._file.flush()
 
     def write(self, text: str) -> None:
         """Append ``text`` to the log file only (e.g. the traceback of a failed stage)."""
-        with self._lock:
-            if self._file is not None:
-                self._file.write(text.encode())
-                self._file.flush()
+        self._log(text.encode())
 
     def stop(self) -> None:
         """Restore stdout/stderr; returns at once (a child process still holding the pipe keeps being shown,

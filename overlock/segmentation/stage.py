@@ -22,8 +22,6 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shutil
 import sys
@@ -423,23 +421,10 @@ def _classes(params: Params, data: Path) -> list[str]:
 
 
 def _worker(argv: list[str]) -> int:
-    """torchrun worker: initialise the process group and train on this rank's GPU (or CPU, gloo)."""
-    from mmcv.runner import init_dist
+    """torchrun worker: train on this rank's GPU (or CPU, gloo); rank 0 logs to MLflow."""
+    from overlock.compute import start_torchrun_worker
 
-    from overlock.compute import configure
-    from overlock.params import parse_params
-
-    parser = argparse.ArgumentParser(prog="python -m overlock.segmentation.stage worker")
-    for name in ("params-json", "data", "classifier", "work-dir", "run-uri", "run-id"):
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args(argv)
-    params = parse_params(json.loads(Path(args.params_json).read_text()), args.params_json)
-    configure(params.compute, params.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        init_dist("pytorch", backend="nccl")
-    else:
-        torch.distributed.init_process_group("gloo")
+    args, params, device = start_torchrun_worker("overlock.segmentation.stage", argv)
     data = Path(args.data)
     cfg = build_segmentation_config(params, segmentation_split_files(data), _classes(params, data),
                                     Path(args.work_dir), device=device,
