@@ -57,12 +57,8 @@ COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
 # ---------------------------------------------------------------------------------------- inputs
 def _init_source(params: Params, classifier: Path) -> Path | None:
-    ft = params.finetune
-    if ft.mode == "evaluate" or ft.init == "checkpoint":
-        return Path(ft.checkpoint) if ft.checkpoint else None
-    if ft.init in ("ema", "raw"):
-        return Path(classifier) / "final.pth"
-    return None
+    from overlock.models.checkpoint import backbone_init_source
+    return backbone_init_source(params.finetune, classifier)
 
 
 def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, tuple[str, str]]:
@@ -144,31 +140,9 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 
 def init_backbone(model, params: Params, classifier: Path) -> dict:
-    """Load the backbone weights chosen by ``finetune.init``; classifier-only keys are dropped.
-
-    Returns a summary (source, entry, loaded/missing key counts) that is logged to MLflow.
-    """
-    ft = params.finetune
-    if ft.init == "none":
-        return {"init": "none"}
-    from overlock.models.checkpoint import load_official_checkpoint
-
-    source = _init_source(params, classifier)
-    key = None
-    if ft.init in ("ema", "raw"):
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        key = "state_dict_ema" if ft.init == "ema" and ckpt.get("state_dict_ema") else "state_dict"
-        if ft.init == "ema" and key != "state_dict_ema":
-            log.warning("%s has no EMA weights: initialising from the raw weights", source)
-    else:
-        ckpt = str(source)  # official file: loaded with weights_only=True by the model's loader
-    report = load_official_checkpoint(model.backbone, ckpt, state_dict_key=key, strict=False)
-    if not report.loaded_keys:
-        raise ValueError(f"no backbone weight of {source} matches the detector's backbone "
-                         f"({type(model.backbone).__name__}): check model.arch/model.size/model.overrides")
-    return {"init": ft.init, "init_source": str(source), "init_entry": report.source_key or "bare",
-            "init_loaded": len(report.loaded_keys), "init_missing": len(report.missing_keys),
-            "init_dropped": len(report.dropped_keys)}
+    """The backbone weights ``finetune.init`` chooses (:func:`~overlock.models.checkpoint.init_dense_backbone`)."""
+    from overlock.models.checkpoint import init_dense_backbone
+    return init_dense_backbone(model.backbone, params.finetune, classifier, "detector")
 
 
 # ---------------------------------------------------------------------------------------- evaluation

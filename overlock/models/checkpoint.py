@@ -203,6 +203,43 @@ def load_official_checkpoint(
     return report
 
 
+
+# ------------------------------------------------------------- a dense-prediction backbone's initial weights
+def backbone_init_source(section, classifier: str | os.PathLike) -> Path | None:
+    """The file a detector's or segmenter's backbone starts from. ``section`` is the stage's params section
+    (``finetune`` / ``segment``: ``mode``, ``init``, ``checkpoint``): an official checkpoint for ``mode=evaluate``
+    or ``init=checkpoint``, the pretrain output ``<classifier>/final.pth`` for ``init=raw|ema``, else None."""
+    if section.mode == "evaluate" or section.init == "checkpoint":
+        return Path(section.checkpoint) if section.checkpoint else None
+    if section.init in ("ema", "raw"):
+        return Path(classifier) / "final.pth"
+    return None
+
+
+def init_dense_backbone(backbone: nn.Module, section, classifier: str | os.PathLike, what: str) -> dict:
+    """Load the weights ``section.init`` chooses into ``backbone`` (classifier-only keys dropped; an
+    ``init=ema`` without EMA weights falls back to the raw ones, with a warning). Returns the summary logged to
+    MLflow (source, entry, loaded/missing/dropped key counts); ``what`` names the model in the error."""
+    if section.init == "none":
+        return {"init": "none"}
+    source = backbone_init_source(section, classifier)
+    key = None
+    if section.init in ("ema", "raw"):
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        key = "state_dict_ema" if section.init == "ema" and ckpt.get("state_dict_ema") else "state_dict"
+        if section.init == "ema" and key != "state_dict_ema":
+            log.warning("%s has no EMA weights: initialising from the raw weights", source)
+    else:
+        ckpt = str(source)  # an official file: loaded with weights_only=True by load_official_checkpoint
+    report = load_official_checkpoint(backbone, ckpt, state_dict_key=key, strict=False)
+    if not report.loaded_keys:
+        raise ValueError(f"no backbone weight of {source} matches the {what}'s backbone "
+                         f"({type(backbone).__name__}): check model.arch/model.size/model.overrides")
+    return {"init": section.init, "init_source": str(source), "init_entry": report.source_key or "bare",
+            "init_loaded": len(report.loaded_keys), "init_missing": len(report.missing_keys),
+            "init_dropped": len(report.dropped_keys)}
+
+
 def _summarize(keys: list[str]) -> str:
     """Group keys by their top-level module for a short log line."""
     groups: dict[str, int] = {}

@@ -55,12 +55,8 @@ SEG_METRICS = ("mIoU", "mAcc", "aAcc")
 
 # ---------------------------------------------------------------------------------------- inputs
 def _init_source(params: Params, classifier: Path) -> Path | None:
-    sg = params.segment
-    if sg.mode == "evaluate" or sg.init == "checkpoint":
-        return Path(sg.checkpoint) if sg.checkpoint else None
-    if sg.init in ("ema", "raw"):
-        return Path(classifier) / "final.pth"
-    return None
+    from overlock.models.checkpoint import backbone_init_source
+    return backbone_init_source(params.segment, classifier)
 
 
 def check_inputs(params: Params, data: Path, classifier: Path) -> dict[str, dict]:
@@ -97,28 +93,9 @@ def input_fingerprint(params: Params, data: Path, classifier: Path, **_: Path) -
 
 # ---------------------------------------------------------------------------------------- weights
 def init_backbone(model, params: Params, classifier: Path) -> dict:
-    """Load the backbone weights chosen by ``segment.init``; classifier-only keys are dropped."""
-    from overlock.models.checkpoint import load_official_checkpoint
-
-    sg = params.segment
-    if sg.init == "none":
-        return {"init": "none"}
-    source = _init_source(params, classifier)
-    key = None
-    if sg.init in ("ema", "raw"):
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        key = "state_dict_ema" if sg.init == "ema" and ckpt.get("state_dict_ema") else "state_dict"
-        if sg.init == "ema" and key != "state_dict_ema":
-            log.warning("%s has no EMA weights: initialising from the raw weights", source)
-    else:
-        ckpt = str(source)
-    report = load_official_checkpoint(model.backbone, ckpt, state_dict_key=key, strict=False)
-    if not report.loaded_keys:
-        raise ValueError(f"no backbone weight of {source} matches the segmenter's backbone: check "
-                         "model.size/model.overrides")
-    return {"init": sg.init, "init_source": str(source), "init_entry": report.source_key or "bare",
-            "init_loaded": len(report.loaded_keys), "init_missing": len(report.missing_keys),
-            "init_dropped": len(report.dropped_keys)}
+    """The backbone weights ``segment.init`` chooses (:func:`~overlock.models.checkpoint.init_dense_backbone`)."""
+    from overlock.models.checkpoint import init_dense_backbone
+    return init_dense_backbone(model.backbone, params.segment, classifier, "segmenter")
 
 
 def _load_weights_only(path: Path):
