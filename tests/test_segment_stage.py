@@ -237,3 +237,29 @@ def test_segment_params_are_validated():
         parse_params({"data": {"segmentation_dataset": "cityscapes"}})
     keys = result_keys(STAGES["segment"], parse_params({}).model_dump(mode="json"))
     assert "segment.checkpoint_interval" not in keys and "segment.lr" in keys  # operational vs result
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_trains_with_two_processes(tmp_path):
+    """``segment.launcher: pytorch`` trains under torchrun (2 gloo CPU processes here, one per GPU on a GPU
+    host): it trains, logs each iteration to MLflow exactly once and writes the outputs and metrics."""
+    root = tmp_path / "repo"
+    (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    write_demo_segmentation_layout(root / "data" / "datasets", n_train=8, n_val=4)
+    write_pretrain_output(root / "models" / "classifier", TINY)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    iters = 4
+    params = _params(store, max_iters=iters, checkpoint_interval=2, launcher="pytorch", nproc_per_node=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(_stage_cmd(root), cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    metrics = json.loads((root / "metrics/segment.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and metrics["temperature"] > 0
+    client, runs = _child_run(store)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["segment.processes"] == "2 (torchrun, cpu)"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, iters + 1))
+    seg = torch.load(root / "models/segmenter/segmenter.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("backbone.") for k in seg["state_dict"])
