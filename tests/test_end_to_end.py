@@ -283,31 +283,40 @@ def test_bad_set_param_fails_before_any_stage_work(pipeline):
     run(["git", "checkout", "--", "params.yaml"], root)
 
 
-def test_exp_run_with_other_size_trains_that_size_as_a_separate_run(pipeline):
-    """`dvc exp run -S model.size=t` trains OverLoCK-T itself (no overrides), kept short through other -S keys."""
+def test_exp_run_with_other_size_and_head_variants_trains_that_model_as_a_separate_run(pipeline):
+    """`dvc exp run -S model.size=t -S model.head=fpn -S model.attention=cbam` trains OverLoCK-T with the FPN-fused
+    head and CBAM (issue 23) through every stage, kept short through other -S keys: no demo override leaks in,
+    the plain T's names and shapes are all there, and the report's complexity counts the variant's parameters."""
     root, _ = pipeline
     short = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=2", "finetune.max_iters=2", "segment.max_iters=2",
              "evaluate.erf_images=1", "evaluate.gradcam_images=1", "evaluate.throughput_iters=1",
              "evaluate.throughput_batch=2", "evaluate.detection_images=1"]
-    run(["dvc", "exp", "run", "-n", "size-t", "-S", "model.size=t", *[a for k in short for a in ("-S", k)]],
-        root, timeout=1500)
+    variant = ["model.size=t", "model.head=fpn", "model.attention=cbam"]
+    run(["dvc", "exp", "run", "-n", "size-t", *[a for k in variant + short for a in ("-S", k)]], root, timeout=1500)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
     assert "size-t" in json.dumps(shown)
     meta = json.loads((root / "models/classifier/model.json").read_text())
-    assert (meta["size"], meta["timm_name"], meta["model_kwargs"]) == ("t", "overlock_t", {}), meta
+    assert (meta["size"], meta["timm_name"]) == ("t", "overlock_t"), meta
+    assert meta["model_kwargs"] == {"head_type": "fpn", "attention": "cbam"}, meta  # the variants, nothing else
     import timm
     from overlock.registry import import_model_modules, resolve_model
     import_model_modules(resolve_model("overlock", "t"))
-    reference = timm.create_model("overlock_t", num_classes=meta["num_classes"])
     ckpt = torch.load(root / "models/classifier/final.pth", weights_only=True)
-    reference.load_state_dict(ckpt["state_dict"], strict=True)  # OverLoCK-T's names and shapes
+    model = timm.create_model("overlock_t", num_classes=meta["num_classes"], **meta["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    plain = timm.create_model("overlock_t", num_classes=meta["num_classes"])
+    assert all(ckpt["state_dict"][k].shape == v.shape for k, v in plain.state_dict().items())  # T's names, shapes
+    complexity = _metrics(root, "evaluate")["complexity.train.params_m"]
+    assert complexity * 1e6 == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-6)
+    assert complexity * 1e6 > sum(p.numel() for p in plain.parameters())  # the variant's modules counted
     _, runs = _mlflow_runs(root)
     parents = [r for r in runs if r.data.tags.get("overlock.role") == "pipeline"]
     assert len(parents) == 2
     exp_parent = next(p for p in parents if p.data.tags.get("dvc.experiment") == "size-t")
-    assert exp_parent.data.params["model.size"] == "t"
+    assert (exp_parent.data.params["model.size"], exp_parent.data.params["model.head"]) == ("t", "fpn")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_parent.info.run_id]
-    assert {"pretrain", "evaluate"} <= {r.data.tags["overlock.stage"] for r in children}
+    assert {"pretrain", "finetune", "segment", "calibrate", "evaluate"} <= {r.data.tags["overlock.stage"]
+                                                                          for r in children}
 
 
 # --- issue 21: a clean pretrain log (the shared demo run's captured output, no extra run)
