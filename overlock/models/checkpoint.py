@@ -203,7 +203,6 @@ def load_official_checkpoint(
     return report
 
 
-
 # ------------------------------------------------------------- a dense-prediction backbone's initial weights
 def backbone_init_source(section, classifier: str | os.PathLike) -> Path | None:
     """The file a detector's or segmenter's backbone starts from. ``section`` is the stage's params section
