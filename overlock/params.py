@@ -177,7 +177,7 @@ class PretrainParams(_Section):
     workers: int = Field(2, ge=1, description="Ray Train workers")
     gpus_per_worker: float = Field(0, ge=0)
     # CPUs per Ray worker (loader processes + the training process); None: 1 on CPU runs, on GPU runs the
-    # cluster's CPUs per GPU (at most 10 per GPU). Operational: changing it re-runs nothing
+    # cluster's CPUs per GPU (at most 10 per GPU; loader ray_data: 2). Operational: changing it re-runs nothing
     cpus_per_worker: float | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
@@ -190,6 +190,9 @@ class PretrainParams(_Section):
     # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, uint8 to the device; same
     # augmentation distribution, ~1.2-1.35x the images per core of timm's loader) | pil (timm's PIL path)
     train_decode: Literal["fast", "pil"] = "fast"
+    # training input: dataloader (loader processes inside each Ray worker) | ray_data (Ray Data tasks on any node's
+    # CPUs decode + augment, batches stream to the workers; overlock/training/ray_data_loader.py); a result param
+    loader: Literal["dataloader", "ray_data"] = "dataloader"
     # operational: hooks every Ray worker imports and calls ("module:name" or {target, kwargs}); tests use them
     callbacks: list[CallbackParams] = Field(default_factory=list)
     # --- scale-out (README "Ray cluster"): elastic workers, per-node placement

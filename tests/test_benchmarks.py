@@ -62,3 +62,15 @@ def test_data_loading_benchmark_quick_runs_every_side():
         for side in ("timm", "ours-pil", "ours"):
             assert re.search(rf"^\| {w} \| {side} \| \d+\.\d \| \d+\.\d \|$", proc.stdout, re.M), proc.stdout
         assert re.search(rf"^RATIO workers={w}: ours/timm per core \d+\.\d\dx", proc.stdout, re.M)
+
+
+@pytest.mark.bench
+def test_ray_data_loading_benchmark_quick_runs_both_sides():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ray_data_loading.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for side in ("ray_data", "dataloader"):
+        assert re.search(rf"^\| 1 \| {side} \| \d+\.\d \| \d+\.\d\d \| \d+\.\d \| \d+\.\d \|$", proc.stdout, re.M), \
+            proc.stdout
+    assert re.search(r"^RATIO N=1: ray_data/dataloader \d+\.\d\dx wall img/s, \d+\.\d\dx after the first batch, "
+                     r"\d+\.\d\dx per core$", proc.stdout, re.M), proc.stdout

@@ -2,10 +2,8 @@
 32 px demo-like data. Fault tests SIGKILL the real Ray worker / stage process."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -242,87 +240,3 @@ def test_nan_loss_stops_with_error_naming_the_step(ray_local, demo_data, repo_tm
     assert child.info.status == "FAILED" and "global step 3" in child.data.tags["overlock.error"]
     # terminal, not retried: steps 1-2 were logged once, and nothing after the poisoned step
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train/loss")) == [1, 2]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A separate Ray head on 127.0.0.1 with the job dashboard; stopped (only its own processes) afterwards.
-
-    ``ray stop`` would also stop every other Ray runtime on this machine (the session one, other users'),
-    so the head runs with ``--block`` in its own process group and that group is terminated instead.
-    """
-    import urllib.error
-    import urllib.request
-    port, dash = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{Path(PY).parent}:{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local test cluster
-    temp_dir = Path(f"/tmp/rj{os.getpid()}_{port}")
-    head = subprocess.Popen([str(Path(PY).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--block",
-                             # own ports for every agent: the session's Ray runtime holds the defaults
-                             *(f"--{name}={_free_port()}" for name in (
-                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                 "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port"))],
-                            env=env, stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # the server answers (e.g. 401): it is up
-                break
-            except OSError:
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise AssertionError("ray head did not start: " + (tmp_path / "ray_head.log").read_text()[-2000:])
-                time.sleep(1)
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_stage_on_a_cluster(ray_head, demo_data, tmp_path):
-    address, env = ray_head
-    work = tmp_path / "repo"  # a copy with only what the job needs (no .venv, data, mlruns, .overlock, .git)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("overlock", "pipelines", "stages"):
-        shutil.copytree(REPO / name, work / name, ignore=ignore)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    raw = _raw_params(tmp_path, epochs=1)  # absolute sqlite URI and Ray storage: the same store for all
-    (work / "params.yaml").write_text(yaml.safe_dump(raw))
-    out = tmp_path / "out"
-    cmd = [str(Path(PY).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
-           "python", "pipelines/pretrain.py", "--params", "params.yaml", "--data", str(demo_data),
-           "--out", str(out / "classifier"), "--metrics", str(out / "pretrain.json"), "--plots", str(out / "plots")]
-    for _ in range(30):  # the dashboard answers before its job agent is ready
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in job.stdout + job.stderr:
-            break
-        time.sleep(2)
-    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
-
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(raw["tracking"]["uri"])
-    exp = client.get_experiment_by_name("overlock-pipeline")
-    (child,) = client.search_runs([exp.experiment_id], "tags.`overlock.stage` = 'pretrain'")
-    assert child.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1")] == [1]
-    assert json.loads((out / "pretrain.json").read_text())["epochs"] == 1
-    assert torch.load(out / "classifier" / "final.pth", weights_only=True)["epoch"] == 1

@@ -89,11 +89,17 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        if getattr(self.transform, "reads_files", False):  # decodes the file itself (training/loader.py)
-            return self.transform(path), label
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        return (self.transform(image) if self.transform else image), label
+        return read_image(path, self.transform), label
+
+
+def read_image(path: str, transform: Callable | None = None):
+    """The image at ``path`` through ``transform``: given the path when the transform decodes the file itself
+    (``reads_files``, training/loader.py), else the RGB PIL image; without a transform, the PIL image."""
+    if getattr(transform, "reads_files", False):
+        return transform(path)
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    return transform(image) if transform else image
 
 
 def coco_split_files(detection_root_dir: str | Path) -> dict[str, tuple[str, str]]:

@@ -162,8 +162,8 @@ class _Progress:
 
 @dataclass
 class _Loaders:
-    train: torch.utils.data.DataLoader
-    sampler: torch.utils.data.DistributedSampler
+    train: Any  # a DataLoader, or a ShardLoader of Ray Data batches (pretrain.loader: ray_data)
+    sampler: torch.utils.data.DistributedSampler | None  # None: Ray Data shuffles every pass itself
     val: torch.utils.data.DataLoader
     classes: list
     steps_per_epoch: int  # optimizer steps (each of ``accum`` micro-batches)
@@ -174,17 +174,23 @@ class _Loaders:
 def build_loaders(params: Params, model: torch.nn.Module, data: Path, rank: int, world: int, cpus: float,
                   device: torch.device) -> _Loaders:
     """This rank's shard of train (distributed sampler, drop last) and val, with the recipe's transforms;
-    loader processes, pinned memory and prefetch sized from the worker's ``cpus``. An epoch is
+    loader processes, pinned memory and prefetch sized from the worker's ``cpus``. With ``pretrain.loader:
+    ray_data`` the train batches come from this worker's Ray Data shard instead (:mod:`.ray_data_loader`, the
+    same listing, transform and drop-last batches). An epoch is
     ``steps_per_epoch`` optimizer steps of ``accum`` micro-batches (``pretrain.max_steps_per_epoch`` counts
     optimizer steps)."""
     p = params.pretrain
     train_tf, val_tf = recipe.build_transforms(p, recipe.data_config(model, p.input_size))
     train_ds, val_ds, classes = load_datasets(data, train_tf, val_tf)
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=params.seed, drop_last=True)
     batch = min(elastic.per_worker_batch(p, world), max(1, len(train_ds) // world))
     settings = loader_settings(cpus, device, p.num_data_workers)
-    train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
+    if p.loader == "ray_data":  # decoded and augmented by Ray Data tasks on any node's CPUs
+        from overlock.training.ray_data_loader import ShardLoader
+        sampler, train_loader = None, ShardLoader(batch, len(train_ds), world)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=params.seed, drop_last=True)
+        train_loader = _loader(train_ds, batch, sampler, settings, drop_last=True)
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_loader = _loader(val_shard, p.batch_size, None, settings, drop_last=False)
     # micro-batches per optimizer step as planned for the full run: the elastic rule already sizes ``batch``
@@ -312,7 +318,8 @@ class TrainingWorker:
     def train_epoch(self, epoch: int) -> dict:
         """Train epoch index ``epoch``; returns loss sum, steps and images of this rank plus the time taken."""
         p = self.params.pretrain
-        self.loaders.sampler.set_epoch(epoch)
+        if self.loaders.sampler is not None:
+            self.loaders.sampler.set_epoch(epoch)
         seed_everything(self.params.seed * 1000 + epoch * 16 + self.rank)  # augmentation draws: same on a resume
         self.ddp_model.train()
         t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0

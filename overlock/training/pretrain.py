@@ -24,7 +24,7 @@ from overlock.compute import repo_root
 from overlock.params import Params
 from overlock.tracking import write_metrics_file
 from overlock.training import checkpoints as ckpt
-from overlock.training import elastic, recipe
+from overlock.training import elastic, ray_data_loader, recipe
 from overlock.training.callbacks import load_callbacks
 from overlock.training.loader import default_cpus_per_worker
 from overlock.training.loop import NonFiniteLossError, load_datasets, train_loop_per_worker
@@ -117,10 +117,14 @@ def _trainer(params: Params, config: dict, storage: Path, name: str):
     p = params.pretrain
     use_gpu = p.gpus_per_worker > 0
     import ray
-    cpus = p.cpus_per_worker or default_cpus_per_worker(p.gpus_per_worker, ray.cluster_resources())
+    ray_data = p.loader == "ray_data"  # the workers decode nothing for training: fewer CPUs by default
+    cpus = p.cpus_per_worker or (ray_data_loader.default_worker_cpus(p.gpus_per_worker) if ray_data else
+                                 default_cpus_per_worker(p.gpus_per_worker, ray.cluster_resources()))
     resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if use_gpu else {}), **p.worker_resources}
+    datasets = ray_data_loader.trainer_datasets(params, Path(config["data"]), config["num_classes"], cpus) \
+        if ray_data else None
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
+        train_loop_per_worker, train_loop_config=config, datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=elastic.worker_range(p), use_gpu=use_gpu,
                                      resources_per_worker=resources),
