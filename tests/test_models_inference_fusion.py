@@ -129,3 +129,70 @@ def test_under_torch_compile_the_deploy_model_is_one_graph_and_left_to_the_compi
         eager, out = model(x), compiled(x)
     scale = eager.abs().max()
     torch.testing.assert_close(out / scale, eager / scale, rtol=0, atol=2e-5)
+
+
+def _packed_stores(model):
+    return [m.__dict__["_packed_weights"] for m in model.modules() if "_packed_weights" in m.__dict__]
+
+
+def test_channels_last_fp32_inference_runs_on_prepacked_kernels_per_input_shape(deploy_model, monkeypatch):
+    """channels_last float32 inference convolves with kernels reordered once per layer and input shape
+    (``torch.ops.mkldnn._reorder_convolution_weight``): the same outputs as without packing, the packed
+    kernels reused on the next call, at most ``MAX_PACKED_SHAPES`` shapes kept per layer, and a copy or a
+    pickle of the model carries none of them."""
+    import io
+
+    model = deploy_model().to(memory_format=torch.channels_last)
+    reference = _unfused(model)
+    batches = [torch.randn(b, 3, 64, 64).contiguous(memory_format=torch.channels_last) for b in (1, 2, 3)]
+    with torch.inference_mode():
+        monkeypatch.setattr(inference_fusion, "PACK_WEIGHTS", False)
+        unpacked = [model(x) for x in batches]
+        assert not _packed_stores(model)
+        monkeypatch.setattr(inference_fusion, "PACK_WEIGHTS", True)
+        packed = [model(x) for x in batches]
+        stores = _packed_stores(model)
+        # every chain conv, merged large kernel and standalone ResDWConv of the tiny model
+        assert len(stores) >= 30 and all(len(store) == 3 for store in stores)
+        kept = {id(entry[2]) for store in stores for entry in store.values()}
+        again = model(batches[0])
+        assert {id(entry[2]) for store in stores for entry in store.values()} == kept  # reused, not re-packed
+        plain = [reference(x) for x in batches]
+    for p, u, r in zip(packed, unpacked, plain):
+        scale = r.abs().max()
+        torch.testing.assert_close(p / scale, u / scale, rtol=0, atol=2e-5)
+        torch.testing.assert_close(p / scale, r / scale, rtol=0, atol=2e-5)
+    assert torch.equal(again, packed[0])
+    monkeypatch.setattr(inference_fusion, "MAX_PACKED_SHAPES", 2)
+    with torch.inference_mode():
+        model(torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    assert all(len(store) == 2 for store in _packed_stores(model))
+    twin = copy.deepcopy(model)
+    assert all(len(store) == 0 for store in _packed_stores(twin))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.inference_mode():
+        for m in (twin, loaded):
+            torch.testing.assert_close(m(batches[1]), packed[1], rtol=0, atol=1e-6)
+
+
+def test_prepacked_kernels_follow_weight_updates(deploy_model):
+    """A packed kernel is reused only while its source tensor is unchanged (same tensor, same in-place
+    version): load_state_dict, in-place updates of a chain conv, a standalone ResDWConv and a position-bias
+    table all show up in the next call."""
+    model = deploy_model(seed=5).to(memory_format=torch.channels_last)
+    other = deploy_model(seed=6)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)  # packs
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), _unfused(other)(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.head[0].weight.mul_(0.5)  # a conv folded with its BN
+        model.blocks1[0].dwconv.weight.mul_(1.5)  # a standalone ResDWConv
+        model.sub_blocks3[0].rpb2.add_(0.25)  # a relative position bias table (cached per map size)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-4, atol=1e-5)

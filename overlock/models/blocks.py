@@ -93,12 +93,13 @@ class FusibleSequential(nn.Sequential):
 
 
 def enable_inference_fusion(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Set ``fuse_for_inference`` on every ``FusibleSequential`` in ``model`` and empty their caches of folded
-    kernels (in place; returns it)."""
+    """Set ``fuse_for_inference`` on every ``FusibleSequential`` and ``ResDWConv`` in ``model`` and empty their
+    caches of folded and pre-packed kernels (in place; returns it)."""
     for module in model.modules():
-        if isinstance(module, FusibleSequential):
+        if isinstance(module, (FusibleSequential, ResDWConv)):
             module.fuse_for_inference = enabled
-            module.__dict__.pop("_folded_kernels", None)
+        for cache in ("_folded_kernels", "_packed_weights", "_fused_kernel", "_position_bias"):
+            module.__dict__.pop(cache, None)
     return model
 
 
@@ -288,12 +289,21 @@ class ResDWConv(nn.Conv2d):
     see the official structure.
     """
 
+    # set by ``enable_inference_fusion`` (the deploy form): in eval mode without autograd, the fused kernel is
+    # cached and run pre-packed (``inference_fusion.resdw_forward``)
+    fuse_for_inference: bool = False
+
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             return x + super().forward(x)
+        if (self.fuse_for_inference and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            from .inference_fusion import resdw_forward  # local: inference_fusion imports this module
+
+            return resdw_forward(self, x)
         return self._conv_forward(x, self.fused_weight(), self.bias)
 
     def fused_weight(self) -> torch.Tensor:

@@ -17,7 +17,15 @@ children as fewer passes over the feature maps. ``run_fused`` matches, left to r
 * SE inside a chain: its input, made inside the chain, is scaled in place (no new allocation);
 * a residual ``Shortcut`` (``x * layer_scale + shift``) given to the chain is added inside its last
   convolution (a oneDNN binary post-op, for outputs of at least ``MIN_FUSED_ADD_NUMEL`` elements) or GEMM (as
-  the accumulator it starts from), instead of as a separate pass over the block's output.
+  the accumulator it starts from), instead of as a separate pass over the block's output;
+* pre-packed weights: for channels_last float32 inputs (no autograd, no autocast) every convolution of a
+  chain, every merged large kernel and every standalone ``ResDWConv`` runs on a kernel already reordered
+  into oneDNN's blocked layout for that input shape (``torch.ops.mkldnn._reorder_convolution_weight``, what
+  ``torch.compile``'s weight freezing does), kept per layer for the last ``MAX_PACKED_SHAPES`` input shapes.
+  Without it oneDNN reorders every kernel on every call (~140 weight reorders per batch-1 forward of
+  OverLoCK-XT). The same oneDNN convolution (a single layer's output is bitwise equal); 1x1 convolutions
+  that PyTorch would send to its reference kernel at batch 1 now run in oneDNN too (round-off differs).
+  The squeeze-excitation's two 1x1 convolutions of a pooled [B, C, 1, 1] map run as matrix products.
 
 Only tensors made inside the chain are overwritten, never the chain's input. The same function up to float
 round-off (``tests/test_models_inference_fusion.py``); the state dict stays the official one: folded kernels
@@ -26,21 +34,29 @@ Measured in ``benchmarks/RESULTS.md`` (``benchmarks/inference.py``).
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (GRN, DilatedReparamBlock, ResDWConv, SEModule, Shortcut, fuse_bn_conv1x1, fuse_conv_bn,
                      grn_response_scale)
-from .fast_conv import depthwise_forward
+from .fast_conv import DWCONV_ENV_VAR, depthwise_forward
 
 __all__ = ["run_fused", "conv_with_activation", "grn_conv1x1", "onednn_post_ops_available", "fused_conv_path",
-           "gemm_in_place"]
+           "gemm_in_place", "packed_conv", "resdw_forward", "MAX_PACKED_SHAPES"]
 
 # Below this many output elements a residual add as a oneDNN post-op is slower than the separate add
 # (measured at batch 1: +25% on a [1, 340, 14, 14] output; -10% at batch 32).
 MIN_FUSED_ADD_NUMEL = 1 << 20
+# Input shapes per layer whose pre-packed kernels are kept (least recently used dropped first): e.g. serving
+# batch 1 and a throughput batch side by side.
+MAX_PACKED_SHAPES = 4
+# Switch for the pre-packed kernels (benchmarks compare with and without; tests check both give the same).
+PACK_WEIGHTS = True
 # activation module type -> (oneDNN post-op name, algorithm)
 _POST_OPS: dict[type, tuple[str, str | None]] = {
     nn.ReLU: ("relu", None),
@@ -119,16 +135,87 @@ def conv_with_activation(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
         return out + shortcut.value() if shortcut is not None else out
     x, weight, bias = fused
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    packed = _packable(x, weight)
+    if packed:
+        x = x.contiguous(memory_format=torch.channels_last)  # a channel slice: copied as oneDNN would copy it
     if shortcut is not None and shortcut.x.numel() >= MIN_FUSED_ADD_NUMEL:
         other = shortcut.value().to(x.dtype)
-        return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias, *geometry, "add", None, None, [],
+        kernel = _packed_weight(conv, weight, geometry, x) if packed else weight
+        return torch.ops.mkldnn._convolution_pointwise(x, other, kernel, bias, *geometry, "add", None, None, [],
                                                        None)
     if shortcut is not None:
-        return conv._conv_forward(x, weight, bias) + shortcut.value()
+        out = packed_conv(x, conv, weight, bias) if packed else conv._conv_forward(x, weight, bias)
+        return out + shortcut.value()
     if activation is None:
+        if packed:
+            return packed_conv(x, conv, weight, bias)
         return conv._conv_forward(x, weight, bias)  # nothing to fuse (PyTorch's path is as fast or faster)
     name, algorithm = post_op
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, name, [], algorithm)
+    kernel = _packed_weight(conv, weight, geometry, x) if packed else weight
+    return torch.ops.mkldnn._convolution_pointwise(x, kernel, bias, *geometry, name, [], algorithm)
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``packed_conv`` applies: CPU, float32 (no autocast), no autograd, a channels_last 4-D input
+    (the layout the packed kernels are made for), oneDNN present."""
+    return (PACK_WEIGHTS and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and (x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1)  # or a channel slice
+            and onednn_post_ops_available())
+
+
+class _PackedStore(OrderedDict):
+    """input shape -> (source kernel, its version, packed kernel). Not copied or pickled (oneDNN's opaque
+    tensors have no storage): a copy of the model starts empty and packs again."""
+
+    def __deepcopy__(self, memo):
+        return _PackedStore()
+
+    def __reduce__(self):
+        return _PackedStore, ()
+
+
+def _packed_weight(conv: nn.Conv2d, weight: torch.Tensor, geometry: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered into oneDNN's blocked layout for inputs shaped like ``x``; kept on ``conv`` (the
+    last ``MAX_PACKED_SHAPES`` shapes) while ``weight`` is the same tensor at the same in-place version."""
+    store = conv.__dict__.setdefault("_packed_weights", _PackedStore())
+    key = tuple(x.shape)
+    hit = store.get(key)
+    version = weight._version
+    if hit is not None and hit[0] is weight and hit[1] == version:
+        try:
+            store.move_to_end(key)
+        except KeyError:  # dropped meanwhile by another thread's call
+            pass
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), *geometry, list(key))
+        except RuntimeError:  # a geometry oneDNN cannot pre-pack: the plain kernel (reordered per call)
+            packed = weight
+    store[key] = (weight, version, packed)  # holds weight: a new tensor can never take its identity
+    while len(store) > MAX_PACKED_SHAPES:
+        store.popitem(last=False)
+    return packed
+
+
+def packed_conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with ``weight``/``bias`` on the pre-packed kernel (caller checked
+    ``_packable``); the output is channels_last like the input."""
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    x = x.contiguous(memory_format=torch.channels_last)
+    kernel = _packed_weight(conv, weight, geometry, x)
+    return torch.ops.mkldnn._convolution_pointwise(x, kernel, bias, *geometry, "none", [], None)
+
+
+def resdw_forward(conv: ResDWConv, x: torch.Tensor) -> torch.Tensor:
+    """A standalone ``ResDWConv`` in the deploy form (eval, no autograd): its identity-centred kernel kept
+    while the parameters do not change, and run pre-packed for channels_last float32 inputs."""
+    weight, bias = _cached(conv.__dict__.setdefault("_fused_kernel", {}), 0, [conv],
+                           lambda: (conv.fused_weight(), conv.bias))
+    if _onednn_inputs(x, weight, bias) is not None and _packable(x, weight):
+        return packed_conv(x, conv, weight, bias)
+    return conv._conv_forward(x, weight, bias)
 
 
 def _accumulator(bias: torch.Tensor, shortcut: Shortcut | None, layout: str, shape: tuple[int, ...]):
@@ -180,6 +267,20 @@ def grn_conv1x1(x: torch.Tensor, grn: GRN, conv: nn.Conv2d, overwrite_input: boo
     return conv_with_activation(scaled, conv, conv.weight, bias, shortcut=shortcut)
 
 
+def _se_scale(se: SEModule, x: torch.Tensor) -> torch.Tensor:
+    """``se.proj(x)`` [B, C, 1, 1]; its two 1x1 convolutions of the pooled [B, C, 1, 1] map run as matrix
+    products of [B, C] rows (PyTorch sends such convolutions to its slow reference kernel at batch 1)."""
+    layers = list(se.proj)
+    if not (len(layers) == 5 and isinstance(layers[0], nn.AdaptiveAvgPool2d)
+            and layers[0].output_size in (1, (1, 1)) and all(_pointwise_conv(m) for m in layers[1:4:2])
+            and _is_activation(layers[2]) and _is_activation(layers[4])):
+        return se.proj(x)
+    pool, fc1, act, fc2, gate = layers
+    pooled = pool(x).flatten(1)  # [B, C]
+    hidden = act(F.linear(pooled, fc1.weight.flatten(1), fc1.bias))
+    return gate(F.linear(hidden, fc2.weight.flatten(1), fc2.bias)).view(*pooled.shape, 1, 1)
+
+
 def _frozen_bn(module: nn.Module | None) -> bool:
     return isinstance(module, nn.BatchNorm2d) and not module.training and module.running_var is not None
 
@@ -226,13 +327,18 @@ def _match(modules: list[nn.Module], i: int) -> Step | None:
         return 2, lambda x, temporary, shortcut, cache: grn_conv1x1(x, first, after[0], temporary, shortcut)
     if isinstance(first, SEModule) and i + 1 < len(modules):  # x * se(x), x overwritten when temporary
         def squeeze_excite(x, temporary, shortcut, cache):
-            scale = first.proj(x)
+            scale = _se_scale(first, x)
             return x.mul_(scale) if temporary and not torch.is_grad_enabled() else x * scale
         return 1, squeeze_excite
     if isinstance(first, DilatedReparamBlock) and first.merged and _frozen_bn(after[0]):
         def merged_block(x, temporary, shortcut, cache):
             kernel = _cached(cache, i, [first, after[0]], lambda: fuse_conv_bn(first.lk_origin, after[0]))
-            out = depthwise_forward(first.lk_origin, x, *kernel)
+            conv = first.lk_origin
+            if (_packable(x, kernel[0]) and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros"
+                    and (os.environ.get(DWCONV_ENV_VAR, "") or "fast") == "fast"):
+                out = packed_conv(x, conv, *kernel)
+            else:
+                out = depthwise_forward(conv, x, *kernel)
             return out + shortcut.value() if shortcut is not None else out
         return 2, merged_block
     if _plain_conv(first):
@@ -245,8 +351,8 @@ def _match(modules: list[nn.Module], i: int) -> Step | None:
         return None
     following = modules[i + used] if i + used < len(modules) else None
     activation = following if following is not None and _is_activation(following) else None
-    if used == 1 and activation is None and i + used < len(modules):
-        return None  # a lone convolution inside the chain: nothing to fuse
+    # a lone convolution inside the chain: nothing to fuse, but its kernel (a ResDWConv's identity-centred
+    # one) is cached and run pre-packed where that applies
 
     def folded_kernel():
         if bn_before is not None:

@@ -225,7 +225,11 @@ class DynamicConvBlock(nn.Module):
             na2d_av(small, value[0].contiguous(), kernel_size=self.smk_size),
             na2d_av(large, value[1].contiguous(), kernel_size=self.kernel_size),
         ], dim=1)  # [B, 2g, H, W, c]
-        out = out.permute(0, 1, 4, 2, 3).reshape(batch, dim, height, width)
+        if self.fusion.fusing and value_src.is_contiguous(memory_format=torch.channels_last):
+            # deploy form: the same values laid out channels_last like the input (no layout switch after it)
+            out = out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+        else:
+            out = out.permute(0, 1, 4, 2, 3).reshape(batch, dim, height, width)
         if resized:
             out = F.adaptive_avg_pool2d(out, in_size)
         return out
@@ -250,13 +254,34 @@ class DynamicConvBlock(nn.Module):
                     for part, (table, size) in zip(logits, tables)]
         weights = self.weight_proj.weight.flatten(1).split(sizes)
         biases = self.weight_proj.bias.split(sizes)
+        cached = self.fusion.fusing and not torch.is_grad_enabled()  # deploy form, inference
         out = []
-        for weight, bias, (table, size) in zip(weights, biases, tables):
+        for part, (weight, bias, (table, size)) in enumerate(zip(weights, biases, tables)):
             projected_key = torch.matmul(key, weight.t() * self.scale)  # [B, g, c, k*k]
             logits = torch.matmul(query, projected_key).view(batch, heads, height, width, -1)
-            position_bias = relative_position_bias(table, height, width, size) + bias
+            if cached:
+                position_bias = self._cached_position_bias(part, table, size, height, width)
+            else:
+                position_bias = relative_position_bias(table, height, width, size) + bias
             out.append(logits.add_(position_bias))  # in place: matmul's backward needs its inputs only
         return out
+
+    def _cached_position_bias(self, part: int, table: torch.Tensor, size: int, height: int, width: int):
+        """``relative_position_bias(table, height, width, size)`` plus ``weight_proj``'s bias for this kernel,
+        kept per map size while the table and the bias are unchanged (the deploy form without autograd: the
+        gather of [heads, H*W*k*k] entries otherwise runs on every call)."""
+        bias = self.weight_proj.bias
+        store = self.__dict__.setdefault("_position_bias", {})
+        version = (table.data_ptr(), table._version, bias.data_ptr(), bias._version, table.dtype, bias.dtype)
+        hit = store.get((part, height, width, table.device))
+        if hit is None or hit[0] != version:
+            if len(store) > 16:
+                store.clear()
+            sizes = [self.smk_size ** 2, self.kernel_size ** 2]
+            with torch.inference_mode(False), torch.no_grad():
+                value = relative_position_bias(table, height, width, size) + bias.split(sizes)[part]
+            hit = store[(part, height, width, table.device)] = (version, value)
+        return hit[1]
 
     def _forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ref: torch.Tensor | None):
         channels, ctx_channels = x.shape[1], ctx.shape[1]
