@@ -202,7 +202,6 @@ def _wait_file(path: Path, cluster: dict, submission_id: str, timeout: float = 6
 
 @pytest.mark.slow
 def test_job_on_two_nodes_survives_a_lost_node_and_a_killed_driver(cluster, demo_data, tmp_path):
-    data = demo_data
     work, out, hooks = _job_dir(tmp_path), tmp_path / "out", tmp_path / "hooks"
     hooks.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # absolute: every node and both submissions use one store
@@ -221,7 +220,7 @@ def test_job_on_two_nodes_survives_a_lost_node_and_a_killed_driver(cluster, demo
 
     # 1. the job runs one training worker on each worker node
     _log("cluster up")
-    _submit(cluster, work, "pretrain-1", out, data)
+    _submit(cluster, work, "pretrain-1", out, demo_data)
     pids = {r: _wait_file(hooks / f"rank{r}_epoch1.pid", cluster, "pretrain-1") for r in (0, 1)}  # 0-based
     _log("epoch 2 started")
     node_of = {r: [w for w in cluster["workers"] if w.holds(pid)] for r, pid in pids.items()}
@@ -231,7 +230,7 @@ def test_job_on_two_nodes_survives_a_lost_node_and_a_killed_driver(cluster, demo
     # 2. the node of rank 1 is lost mid-epoch 2: SIGKILL its raylet, its training worker, everything on it
     lost = node_of[1][0]
     lost.kill()
-    assert not lost.holds(pids[1]) and psutil.pid_exists(pids[0])
+    assert not psutil.pid_exists(pids[1]), "the training worker of the killed node survived"
     (hooks / "release_epoch1").touch()
     _log("node killed")
 
@@ -250,7 +249,7 @@ def test_job_on_two_nodes_survives_a_lost_node_and_a_killed_driver(cluster, demo
     _log("driver killed")
 
     # 4. the same job submitted again resumes the same Ray run and the same MLflow child run
-    _submit(cluster, work, "pretrain-2", out, data)
+    _submit(cluster, work, "pretrain-2", out, demo_data)
     status = _wait_job(cluster, "pretrain-2", 600)
     _log("second job ended")
     assert status == "SUCCEEDED", _job_logs(cluster, "pretrain-2")[-4000:]
@@ -263,10 +262,9 @@ def test_job_on_two_nodes_survives_a_lost_node_and_a_killed_driver(cluster, demo
     assert world == {1: 2, 2: 1, 3: 1}, world
     batch = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "global_batch")}
     assert set(batch.values()) == {16.0}, batch  # keep_global_batch: 1 worker takes 16 per step
-    steps = history("train/loss")
-    assert steps == sorted(set(steps)) and len(steps) == epochs * 9, steps  # none lost or duplicated
+    assert history("train/loss") == list(range(1, epochs * 9 + 1))  # no step lost or duplicated
     assert client.get_run(child.info.run_id).data.params["elastic.workers"] == "1..2"
-    # resumed after epoch 1 (node lost) and after epoch 2 (driver killed); the finished checkpoint is epoch 4
+    # resumed after epoch 1 (node lost) and after epoch 2 (driver killed); the final checkpoint is epoch 3
     assert (hooks / "resumed_rank0.txt").read_text().split() == ["1", "2"]
     assert torch.load(out / "classifier" / "final.pth", weights_only=True)["epoch"] == epochs
     ray_runs = [p.name for p in (tmp_path / "ray").iterdir() if p.is_dir()]
