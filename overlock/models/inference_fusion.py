@@ -158,10 +158,11 @@ def conv_with_activation(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
 def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``packed_conv`` applies: CPU, float32 (no autocast), no autograd, a channels_last 4-D input
     (the layout the packed kernels are made for), oneDNN present."""
-    return (PACK_WEIGHTS and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() == 4 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and (x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1)  # or a channel slice
-            and onednn_post_ops_available())
+    return (PACK_WEIGHTS and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
+            and fused_conv_path(x.device.type, torch.is_grad_enabled(), onednn_post_ops_available(),
+                                x.dtype) == "onednn"  # the device's choice (CPU; never CUDA)
+            and not torch.is_autocast_enabled("cpu")
+            and (x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1))  # or a channel slice
 
 
 class _PackedStore(OrderedDict):
