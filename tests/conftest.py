@@ -235,6 +235,31 @@ def demo_detection_layout():
     return write_demo_detection_layout
 
 
+def write_pretrain_output(out, overrides: dict, seed: int = 1) -> dict:
+    """A real pretrain ``final.pth`` (10 classes) of a freshly built OverLoCK-XT with ``overrides``, with known,
+    distinct raw and EMA weights; returns both state dicts."""
+    import timm
+    import torch
+
+    import overlock.models  # noqa: F401
+
+    torch.manual_seed(seed)
+    model = timm.create_model("overlock_xt", num_classes=10, **overrides)
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in raw.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": raw, "state_dict_ema": ema, "arch": "overlock", "size": "xt", "model_kwargs": overrides,
+                "num_classes": 10, "classes": [f"c{i}" for i in range(10)], "epoch": 1, "metrics": {}},
+               out / "final.pth")
+    return {"state_dict": raw, "state_dict_ema": ema}
+
+
+@pytest.fixture(scope="session")
+def pretrain_output():
+    """:func:`write_pretrain_output` (the stage tests' classifier input)."""
+    return write_pretrain_output
+
+
 def randomize_batchnorm_stats(model):
     """Trained-looking BatchNorm statistics and affine parameters (in place; returns ``model``), so that
     folding a BatchNorm into its neighbouring convolution is not the identity."""

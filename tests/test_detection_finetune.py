@@ -23,23 +23,6 @@ MAX_ITERS = 20
 CKPT_EVERY = 5
 
 
-def write_pretrain_output(out: Path, overrides: dict, seed: int = 1) -> dict:
-    """A real ``final.pth`` of a freshly built classifier with known (distinct raw / EMA) weights."""
-    import timm
-
-    import overlock.models  # noqa: F401
-
-    torch.manual_seed(seed)
-    model = timm.create_model("overlock_xt", num_classes=10, **overrides)
-    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ema = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in raw.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": raw, "state_dict_ema": ema, "arch": "overlock", "size": "xt", "model_kwargs": overrides,
-                "num_classes": 10, "classes": [f"c{i}" for i in range(10)], "epoch": 1, "metrics": {}},
-               out / "final.pth")
-    return {"state_dict": raw, "state_dict_ema": ema}
-
-
 def _params(store: str, **finetune) -> dict:
     return {"seed": 0, "model": {"arch": "overlock", "size": "xt", "overrides": TINY},
             "finetune": {"max_iters": MAX_ITERS, "checkpoint_interval": CKPT_EVERY, "img_scale": [96, 96],
@@ -48,12 +31,12 @@ def _params(store: str, **finetune) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, demo_detection_layout):
+def workspace(tmp_path_factory, demo_detection_layout, pretrain_output):
     """A repo root (params.yaml, dvc.yaml) with demo detection data and a pretrain output."""
     root = tmp_path_factory.mktemp("ftrepo")
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     demo_detection_layout(root / "data" / "datasets")
-    weights = write_pretrain_output(root / "models" / "classifier", TINY)
+    weights = pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(_params(store)))
     return {"root": root, "weights": weights, "store": store}
@@ -255,7 +238,7 @@ def test_official_mask_rcnn_checkpoint_keys_load_into_the_detector(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_layout):
+def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_layout, pretrain_output):
     """``finetune.launcher: pytorch`` runs the training under torchrun with MMDistributedDataParallel
     (2 gloo CPU processes here, one per GPU on a GPU host): it trains, logs each iteration to MLflow exactly
     once, and the outputs are written; each rank predicts its shard of the val and calibration images and the
@@ -264,7 +247,7 @@ def test_torchrun_launcher_trains_with_two_processes(tmp_path, demo_detection_la
     (root / "models").mkdir(parents=True)
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     demo_detection_layout(root / "data" / "datasets", n_train=8, n_val=4, calibration=3)
-    write_pretrain_output(root / "models" / "classifier", TINY)
+    pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     iters = 4
     params = _params(store, max_iters=iters, checkpoint_interval=2, launcher="pytorch", nproc_per_node=2)

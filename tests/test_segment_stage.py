@@ -37,20 +37,6 @@ def write_demo_segmentation_layout(data_dir: Path, n_train: int = 16, n_val: int
     return report["class_names"]
 
 
-def write_pretrain_output(out: Path, overrides: dict, seed: int = 1) -> dict:
-    import timm
-
-    import overlock.models  # noqa: F401
-
-    torch.manual_seed(seed)
-    model = timm.create_model("overlock_xt", num_classes=10, **overrides)
-    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": raw, "arch": "overlock", "size": "xt", "model_kwargs": overrides, "num_classes": 10,
-                "epoch": 1, "metrics": {}}, out / "final.pth")
-    return raw
-
-
 def _params(store: str, **segment) -> dict:
     return {"seed": 0, "model": {"arch": "overlock", "size": "xt", "overrides": TINY},
             "data": {"segmentation_dataset": "demo_ade"},
@@ -60,14 +46,14 @@ def _params(store: str, **segment) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, pretrain_output):
     root = tmp_path_factory.mktemp("segrepo")
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     classes = write_demo_segmentation_layout(root / "data" / "datasets")
-    weights = write_pretrain_output(root / "models" / "classifier", TINY)
+    pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(_params(store)))
-    return {"root": root, "store": store, "classes": classes, "weights": weights}
+    return {"root": root, "store": store, "classes": classes}
 
 
 def _stage_cmd(root: Path) -> list[str]:
@@ -240,14 +226,14 @@ def test_segment_params_are_validated():
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_trains_with_two_processes(tmp_path):
+def test_torchrun_launcher_trains_with_two_processes(tmp_path, pretrain_output):
     """``segment.launcher: pytorch`` trains under torchrun (2 gloo CPU processes here, one per GPU on a GPU
     host): it trains, logs each iteration to MLflow exactly once and writes the outputs and metrics."""
     root = tmp_path / "repo"
     (root / "models").mkdir(parents=True)
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     write_demo_segmentation_layout(root / "data" / "datasets", n_train=8, n_val=4)
-    write_pretrain_output(root / "models" / "classifier", TINY)
+    pretrain_output(root / "models" / "classifier", TINY)
     store = f"sqlite:///{root / 'mlflow.db'}"
     iters = 4
     params = _params(store, max_iters=iters, checkpoint_interval=2, launcher="pytorch", nproc_per_node=2)
