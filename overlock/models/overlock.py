@@ -260,26 +260,26 @@ class DynamicConvBlock(nn.Module):
             projected_key = torch.matmul(key, weight.t() * self.scale)  # [B, g, c, k*k]
             logits = torch.matmul(query, projected_key).view(batch, heads, height, width, -1)
             if cached:
-                position_bias = self._cached_position_bias(part, table, size, height, width)
+                position_bias = self._cached_position_bias(part, table, bias, size, height, width)
             else:
                 position_bias = relative_position_bias(table, height, width, size) + bias
             out.append(logits.add_(position_bias))  # in place: matmul's backward needs its inputs only
         return out
 
-    def _cached_position_bias(self, part: int, table: torch.Tensor, size: int, height: int, width: int):
-        """``relative_position_bias(table, height, width, size)`` plus ``weight_proj``'s bias for this kernel,
-        kept per map size while the table and the bias are unchanged (the deploy form without autograd: the
-        gather of [heads, H*W*k*k] entries otherwise runs on every call)."""
-        bias = self.weight_proj.bias
+    def _cached_position_bias(self, part: int, table: torch.Tensor, bias: torch.Tensor, size: int, height: int,
+                              width: int):
+        """``relative_position_bias(table, height, width, size) + bias`` (``bias``: this kernel's slice of
+        ``weight_proj``'s bias, a view sharing its version counter), kept per map size while the table and the
+        bias are unchanged (the deploy form without autograd: the gather of [heads, H*W*k*k] entries otherwise
+        runs on every call)."""
         store = self.__dict__.setdefault("_position_bias", {})
         version = (table.data_ptr(), table._version, bias.data_ptr(), bias._version, table.dtype, bias.dtype)
         hit = store.get((part, height, width, table.device))
         if hit is None or hit[0] != version:
             if len(store) > 16:
                 store.clear()
-            sizes = [self.smk_size ** 2, self.kernel_size ** 2]
             with torch.inference_mode(False), torch.no_grad():
-                value = relative_position_bias(table, height, width, size) + bias.split(sizes)[part]
+                value = relative_position_bias(table, height, width, size) + bias
             hit = store[(part, height, width, table.device)] = (version, value)
         return hit[1]
 
