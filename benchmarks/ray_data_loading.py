@@ -86,12 +86,12 @@ def ray_pass(root: Path, nodes: collections.Counter | None = None) -> tuple[int,
 def loader_pass(root: Path, workers: int) -> tuple[int, float, float, float]:
     """(images, seconds, seconds to the first batch, CPU seconds) of one pass of the pretrain DataLoader with
     ``workers`` loader processes (their CPU time once they end with the pass; the idle Ray runtime's too)."""
-    loader, mixup, on_device = our_loader(root, workers, "fast")
+    loader, batch_steps = our_loader(root, workers, "fast")
     torch.manual_seed(0)
     cpu0, t0, n, first = _cpu_seconds_with_ray(), time.perf_counter(), 0, None
     for images, targets in loader:
         first = first or time.perf_counter() - t0
-        images, targets = mixup(on_device(images), targets)
+        images, targets = batch_steps(images, targets)  # normalise + erase, mixup
         n += images.shape[0]
     elapsed = time.perf_counter() - t0
     del loader  # its processes end: their CPU time is counted

@@ -188,7 +188,7 @@ class PretrainParams(_Section):
     # DataLoader processes per Ray worker; None: cpus_per_worker - 1 (operational)
     num_data_workers: int | None = Field(None, ge=0)
     # training decode: fast (libjpeg-turbo / reduced-size JPEG decode + tensor crop, uint8 to the device; same
-    # augmentation distribution, ~1.2-1.35x the images per core of timm's loader) | pil (timm's PIL path)
+    # augmentation distribution, ~1.25-1.35x the images per core of timm's loader) | pil (timm's PIL path)
     train_decode: Literal["fast", "pil"] = "fast"
     # training input: dataloader (loader processes inside each Ray worker) | ray_data (Ray Data tasks on any node's
     # CPUs decode + augment, batches stream to the workers; overlock/training/ray_data_loader.py); a result param

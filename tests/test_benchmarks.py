@@ -60,8 +60,14 @@ def test_data_loading_benchmark_quick_runs_every_side():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for w in (0, 1):
         for side in ("timm", "ours-pil", "ours"):
-            assert re.search(rf"^\| {w} \| {side} \| \d+\.\d \| \d+\.\d \|$", proc.stdout, re.M), proc.stdout
-        assert re.search(rf"^RATIO workers={w}: ours/timm per core \d+\.\d\dx", proc.stdout, re.M)
+            row = re.search(rf"^\| {w} \| {side} \| (\d+\.\d) \| (\d+\.\d) \| (\d+\.\d) \|$", proc.stdout, re.M)
+            assert row, proc.stdout
+            assert float(row[3]) >= float(row[2])  # loading only leaves out the batch steps' CPU time
+        assert re.search(rf"^RATIO workers={w}: ours/timm per core \d+\.\d\dx, loading only \d+\.\d\dx", proc.stdout,
+                         re.M)
+    steps = dict(re.findall(r"^\| ((?:timm|ours): [^|]+?) \| (\d+\.\d{3}) \|$", proc.stdout, re.M))
+    assert len(steps) == 7 and all(float(ms) > 0 for ms in steps.values()), proc.stdout
+    assert re.search(r"^STEPS total timm \d+\.\d{3} ms, ours \d+\.\d{3} ms per image: \d+\.\d\dx$", proc.stdout, re.M)
 
 
 @pytest.mark.bench
