@@ -152,12 +152,9 @@ def step_costs(paths: list[Path], repeats: int) -> dict[str, float]:
                     to_array(img)
                     timed("timm: to array", t)
                 else:
-                    with Image.open(path) as im:
-                        box, interp, flipped = ours.draw(im)
-                        hwc = ours.crop_resize(im, path, box, interp)
-                    hwc = hwc.flip(1) if flipped else hwc
+                    hwc = ours.decode_crop(path)
                     t = timed("ours: open + decode + crop + resize + flip", t)
-                    img = Image.fromarray(np.ascontiguousarray(hwc.numpy()))
+                    img = Image.fromarray(np.ascontiguousarray(hwc.numpy()))  # as DecodeCropTransform.__call__
                     t = timed("ours: to and from PIL", t)
                     for op in ours.pil_ops:
                         img = op(img)

@@ -153,12 +153,15 @@ class DecodeCropTransform:
                                               align_corners=False)
         return out[0].permute(1, 2, 0)  # channels-last in, channels-last out: a contiguous HWC image
 
-    def __call__(self, path: str) -> torch.Tensor:
+    def decode_crop(self, path: str) -> torch.Tensor:
+        """The image at ``path`` decoded, randomly cropped, resized and flipped: uint8 HWC (before the PIL ops)."""
         with Image.open(path) as im:
             box, interp, flip = self.draw(im)
             hwc = self.crop_resize(im, path, box, interp)
-        if flip:
-            hwc = hwc.flip(1)
+        return hwc.flip(1) if flip else hwc
+
+    def __call__(self, path: str) -> torch.Tensor:
+        hwc = self.decode_crop(path)
         if self.pil_ops:
             img = Image.fromarray(np.ascontiguousarray(hwc.numpy()))
             for op in self.pil_ops:
