@@ -298,10 +298,9 @@ def test_queued_sweep_runs_each_experiment_as_its_own_mlflow_parent(pipeline):
     # compute.threads: one core per job (README); operational, so it re-runs nothing by itself
     short = ["evaluate.erf_images=1", "evaluate.gradcam_images=1", "evaluate.detection_images=1",
              "evaluate.throughput_batch=2", "compute.threads=1"]
-    # values no earlier run used: the baseline is the shipped demo (this test runs before the size-t test, whose
-    # exp run leaves OverLoCK-T, a slower evaluate, in the workspace; run after it, the baseline would be that
-    # experiment, which ran evaluate with throughput_iters=1); a value
-    # already run would come from DVC's run cache and log nothing
+    # values no earlier run used (a value already run would come from DVC's run cache and log nothing): the
+    # baseline is the shipped demo (throughput_iters=3), as this test runs before the size-t test, whose exp run
+    # leaves OverLoCK-T (a slower evaluate, run with throughput_iters=1) in the workspace
     values = {"sweep-1": "2", "sweep-2": "4"}
     for name, value in values.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.throughput_iters={value}",
